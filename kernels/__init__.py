@@ -1,0 +1,1 @@
+"""Triton kernels of multilevel_hd, installed as `multilevel_hd.kernels`."""

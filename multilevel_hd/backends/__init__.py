@@ -1,0 +1,48 @@
+"""Backend registry: every backend is a module with `name`, `unavailable_reason(device)`
+and `step(job)` (one param group's step, see `multilevel_hd.state.GroupJob`)."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+_MODULES = {
+    "reference": "multilevel_hd.reference",
+    "torch": "multilevel_hd.backends.torch_backend",
+}
+# Backends not built in this version; asking for them says so instead of a KeyError.
+_PLANNED = ("triton", "cuda", "cpp")
+# "auto" tries these in order for a device type; the pure-PyTorch backend runs anywhere.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+
+def _module(name: str):
+    return importlib.import_module(_MODULES[name])
+
+
+def unavailable_reason(name: str, device: torch.device):
+    """None when backend `name` can run on `device`, else a sentence saying why not."""
+    if name in _PLANNED:
+        return f"backend {name!r} is not part of this multilevel_hd version; use 'torch'"
+    return _module(name).unavailable_reason(device)
+
+
+def available_backends(device) -> list[str]:
+    device = torch.device(device)
+    return [name for name in (*_MODULES, *_PLANNED) if unavailable_reason(name, device) is None]
+
+
+def resolve_backend(name: str, device) -> str:
+    """The concrete backend for a group's `backend` option on `device`."""
+    device = torch.device(device)
+    if name == "auto":
+        order = _AUTO_ORDER.get(device.type, ("torch",))
+        return next(n for n in order if unavailable_reason(n, device) is None)
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
+    return name
+
+
+def get(name: str):
+    return _module(name)

@@ -1,0 +1,136 @@
+"""The level structure of one param group: units, layers, row lengths, offsets, N_k.
+
+This module is the only place that knows how a tensor splits into units (SPEC section 1):
+unit j of a tensor shaped (n0, ...) is the logical slice p[j], so a tensor has n0 units of
+numel / n0 elements each (a 0-d tensor has one unit of one element). Rates of the
+"layer" and "unit" levels live in flat per-group arrays (one entry per tensor, one entry
+per unit) laid out in the group's parameter order; the plan says where each tensor's
+entries sit. Backends share this metadata; none of them recomputes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+LEVELS = ("global", "layer", "unit", "param")  # coarse to fine: the parent order of shrinkage
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Where one parameter tensor sits in its group's flat level arrays."""
+
+    numel: int
+    units: int  # n0: the number of dim-0 slices (1 for a 0-d tensor)
+    row_len: int  # elements per unit: numel / units (N_unit for this tensor's units)
+    unit_offset: int  # index of the tensor's first unit in the group's flat unit array
+    layer: int  # index of the tensor in the group's flat layer array
+
+
+def tensor_units(p: torch.Tensor) -> int:
+    return p.shape[0] if p.dim() > 0 else 1
+
+
+@dataclass
+class GroupLayout:
+    """Static layout of all parameters of a param group (fixed when the group is added)."""
+
+    tensors: tuple[TensorLayout, ...]
+    num_units: int
+
+    @classmethod
+    def of(cls, params) -> "GroupLayout":
+        tensors, offset = [], 0
+        for layer, p in enumerate(params):
+            units = tensor_units(p)
+            row_len = p.numel() // units if units else 0
+            tensors.append(TensorLayout(p.numel(), units, row_len, offset, layer))
+            offset += units
+        return cls(tuple(tensors), offset)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.tensors)
+
+
+@dataclass
+class StepPlan:
+    """The part of a step's structure that depends on which parameters have gradients.
+
+    Built once per (group, set of parameters with gradients) and cached by the optimizer:
+    `active` lists the indices (in group order) of the parameters that take part in this
+    step; N is the number of their elements. Device tensors derived from the plan
+    (masks, per-unit sizes) are cached per device and dtype in `_device_cache`.
+    """
+
+    layout: GroupLayout
+    active: tuple[int, ...]
+    num_elements: int = field(init=False)
+    _device_cache: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        self.num_elements = sum(self.layout.tensors[i].numel for i in self.active)
+
+    @property
+    def active_layouts(self) -> list[TensorLayout]:
+        return [self.layout.tensors[i] for i in self.active]
+
+    def level_sizes(self, level: str) -> list[int]:
+        """N_k[j] for every j of `level` over the whole group (inactive entries included)."""
+        if level == "global":
+            return [self.num_elements]
+        if level == "layer":
+            return [t.numel for t in self.layout.tensors]
+        if level == "unit":
+            return [t.row_len for t in self.layout.tensors for _ in range(t.units)]
+        raise ValueError(f"level {level!r} has one entry per element, not a size table")
+
+    def _cached(self, key, make):
+        if key not in self._device_cache:
+            self._device_cache[key] = make()
+        return self._device_cache[key]
+
+    def unit_mask(self, device, dtype) -> torch.Tensor:
+        """1 for the units of tensors that step, 0 for the others (their rates must not move)."""
+
+        def make():
+            mask = torch.zeros(self.layout.num_units, dtype=dtype)
+            for t in self.active_layouts:
+                mask[t.unit_offset : t.unit_offset + t.units] = 1
+            return mask.to(device)
+
+        return self._cached(("unit_mask", device, dtype), make)
+
+    def layer_mask(self, device, dtype) -> torch.Tensor:
+        def make():
+            mask = torch.zeros(self.layout.num_layers, dtype=dtype)
+            mask[list(self.active)] = 1
+            return mask.to(device)
+
+        return self._cached(("layer_mask", device, dtype), make)
+
+    def size_scale(self, level: str, device, dtype) -> torch.Tensor:
+        """N / N_k[j] for `hypergrad_scaling="size"` (0 where N_k[j] is 0: nothing to update)."""
+
+        def make():
+            sizes = torch.tensor(self.level_sizes(level), dtype=torch.float64)
+            scale = torch.where(sizes > 0, self.num_elements / sizes.clamp(min=1), 0.0)
+            return scale.to(device=device, dtype=dtype)
+
+        return self._cached(("size_scale", level, device, dtype), make)
+
+    def units_per_layer(self, device) -> torch.Tensor:
+        """Lengths for segment sums of the flat unit array into layers."""
+        return self._cached(
+            ("units_per_layer", device),
+            lambda: torch.tensor([t.units for t in self.layout.tensors], device=device),
+        )
+
+    def layer_of_unit(self, device) -> torch.Tensor:
+        """For each unit of the flat unit array, the index of its tensor (layer)."""
+        return self._cached(
+            ("layer_of_unit", device),
+            lambda: torch.repeat_interleave(
+                torch.arange(self.layout.num_layers), torch.tensor([t.units for t in self.layout.tensors])
+            ).to(device),
+        )

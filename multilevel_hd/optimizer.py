@@ -1,0 +1,269 @@
+"""The optimizer classes: options, state, the state dict, rates(); `step()` hands each
+param group to a backend (`multilevel_hd.backends`) as a `GroupJob`."""
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .hierarchy import GroupLayout, StepPlan
+from .options import DEFAULT_LEVELS, resolve, validate_group
+from .reference import combined_rate, rate_view
+from .state import (
+    GROUP_RATE_KEYS,
+    GroupJob,
+    compute_dtype,
+    expected_param_keys,
+    group_dtype,
+    new_group_state,
+    new_param_state,
+)
+
+_HD_DEFAULTS = dict(
+    levels=DEFAULT_LEVELS, init_weights=None, hypergrad_lr=None, hypergrad_rule="additive",
+    hypergrad_scaling="size", combination_lr=None, shrinkage=None, rate_bounds=(0.0, None),
+    hd_decay=0.0, final_lr=None, skip_nonfinite=True, backend="auto",
+)
+
+
+class _MultiLevelOptimizer(torch.optim.Optimizer):
+    """Shared driver of MultiLevelSGD and MultiLevelAdam; `_kind` names the base optimizer."""
+
+    _kind: str
+
+    def __init__(self, params, defaults: dict):
+        # add_param_group (called by the base __init__) appends to these.
+        self.group_states: list = []  # per group: None until its first step, then a dict
+        self._layouts: list[GroupLayout] = []
+        self._plans: list = []
+        super().__init__(params, defaults)
+
+    # -- construction ---------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError("multilevel_hd does not support complex parameters")
+                if not p.is_floating_point():
+                    raise ValueError(f"parameters must be floating point, got {p.dtype}")
+            validate_group(group, self._kind)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        self.group_states.append(None)
+        self._layouts.append(GroupLayout.of(group["params"]))
+        self._plans.append(None)
+
+    # -- one step -------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            job = self._job(index, group)
+            if job is not None:
+                backend = backends.resolve_backend(group["backend"], job.params[0].device)
+                backends.get(backend).step(job)
+        return loss
+
+    def _job(self, index: int, group: dict):
+        """Collect what a backend needs for this group's step; None if nothing steps."""
+        opts = resolve(group, self._kind)
+        params = group["params"]
+        active = tuple(j for j, p in enumerate(params) if p.grad is not None and p.numel() > 0)
+        if not active:
+            return None
+        stepping = [params[j] for j in active]
+        device = stepping[0].device
+        for p in stepping:
+            if p.grad.is_sparse:
+                raise RuntimeError("multilevel_hd does not support sparse gradients")
+            if p.device != device:
+                raise RuntimeError(
+                    f"all parameters of a param group must be on one device (level sums span "
+                    f"the group); found {device} and {p.device}"
+                )
+        plan = self._plans[index]
+        if plan is None or plan.active != active:
+            plan = self._plans[index] = StepPlan(self._layouts[index], active)
+        group_state = self.group_states[index]
+        if group_state is None:
+            group_state = self.group_states[index] = new_group_state(
+                opts, self._layouts[index], device, group_dtype(params)
+            )
+        elif group_state["weights"].numel() != len(opts.levels):
+            raise ValueError("a param group's levels cannot change after its first step")
+        states = []
+        for p in stepping:
+            if not self.state[p]:
+                self.state[p] = new_param_state(p, opts)
+            states.append(self.state[p])
+        return GroupJob(opts, plan, stepping, [p.grad for p in stepping], states, group_state)
+
+    # -- inspection -----------------------------------------------------------------
+    def _group_state_or_initial(self, index: int) -> dict:
+        group = self.param_groups[index]
+        if self.group_states[index] is not None:
+            return self.group_states[index]
+        opts = resolve(group, self._kind)
+        device = group["params"][0].device
+        return new_group_state(opts, self._layouts[index], device, group_dtype(group["params"]))
+
+    def _param_state_or_initial(self, p, opts) -> dict:
+        return self.state[p] if self.state.get(p) else new_param_state(p, opts)
+
+    def rates(self) -> list[dict]:
+        """Per group: "weights" and each active level's rates (copies; SPEC section 4)."""
+        out = []
+        for index, group in enumerate(self.param_groups):
+            opts = resolve(group, self._kind)
+            gs = self._group_state_or_initial(index)
+            entry = {"weights": gs["weights"].clone()}
+            for level in opts.levels:
+                if level == "global":
+                    entry[level] = gs["rate_global"].clone()
+                    continue
+                entry[level] = []
+                for p, lay in zip(group["params"], self._layouts[index].tensors):
+                    view = rate_view(level, gs, lay, p, self._param_state_or_initial(p, opts))
+                    view = view.reshape(-1) if level == "unit" else view
+                    entry[level].append(view.to(compute_dtype(p.dtype), copy=True))
+            out.append(entry)
+        return out
+
+    def effective_rate(self, p: torch.Tensor) -> torch.Tensor:
+        """kappa as the last step applied it to p, shaped like p."""
+        for index, group in enumerate(self.param_groups):
+            for j, q in enumerate(group["params"]):
+                if q is p:
+                    opts = resolve(group, self._kind)
+                    gs = self._group_state_or_initial(index)
+                    kappa = combined_rate(
+                        opts, gs["last_weights"], gs, self._layouts[index].tensors[j], p,
+                        self._param_state_or_initial(p, opts), float(gs["step"]),
+                    )
+                    return torch.as_tensor(kappa, device=p.device).expand(p.shape).clone()
+        raise ValueError("effective_rate: the tensor is not a parameter of this optimizer")
+
+    def skipped_steps(self) -> list[int]:
+        """Per group: steps skipped because a gradient held NaN or Inf."""
+        return [0 if gs is None else int(gs["skipped"]) for gs in self.group_states]
+
+    # -- state dict -----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["optimizer_kind"] = self._kind
+        sd["group_states"] = [None if gs is None else dict(gs) for gs in self.group_states]
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._check_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter dtype; rates and state stay float32
+        # for half parameters, so take every tensor again from the saved dict.
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for p, pid in zip(group["params"], saved_group["params"]):
+                saved = state_dict["state"].get(pid)
+                if saved:
+                    self.state[p] = {
+                        k: v.to(device=p.device, dtype=torch.float32 if k == "step" else compute_dtype(p.dtype), copy=True)
+                        for k, v in saved.items()
+                    }
+        self.group_states = []
+        for group, saved in zip(self.param_groups, state_dict["group_states"]):
+            if saved is None:
+                self.group_states.append(None)
+                continue
+            device, dtype = group["params"][0].device, group_dtype(group["params"])
+            self.group_states.append(
+                {k: v.to(device=device, dtype=v.dtype if k == "skipped" else dtype, copy=True) for k, v in saved.items()}
+            )
+        self._plans = [None] * len(self.param_groups)
+
+    def _check_state_dict(self, state_dict: dict) -> None:
+        """Refuse a state dict that this optimizer's configuration cannot continue from."""
+        kind = state_dict.get("optimizer_kind")
+        if kind != self._kind:
+            raise ValueError(
+                f"state dict is from a {kind or 'non-multilevel_hd'} optimizer, not a multilevel_hd {self._kind} one"
+            )
+        saved_groups, group_states = state_dict["param_groups"], state_dict.get("group_states")
+        if group_states is None or len(group_states) != len(saved_groups) or len(saved_groups) != len(self.param_groups):
+            raise ValueError("state dict has a different number of param groups")
+        for index, (saved_group, gs) in enumerate(zip(saved_groups, group_states)):
+            layout = self._layouts[index]
+            if len(saved_group["params"]) != layout.num_layers:
+                raise ValueError(f"param group {index} has a different number of parameters")
+            opts = resolve(saved_group, self._kind)
+            if gs is not None:
+                expected = {"global": (), "layer": (layout.num_layers,), "unit": (layout.num_units,)}
+                want = {"step", "skipped", "weights", "last_weights"} | {
+                    GROUP_RATE_KEYS[lv] for lv in opts.levels if lv in GROUP_RATE_KEYS
+                }
+                if set(gs) != want or gs["weights"].shape != (len(opts.levels),) or any(
+                    tuple(gs[GROUP_RATE_KEYS[lv]].shape) != expected[lv] for lv in opts.levels if lv in GROUP_RATE_KEYS
+                ):
+                    raise ValueError(f"state of param group {index} does not match its levels and parameters")
+            keys = expected_param_keys(opts)
+            for pid, p in zip(saved_group["params"], self.param_groups[index]["params"]):
+                saved = state_dict["state"].get(pid)
+                if saved and (set(saved) != keys or any(
+                    k != "step" and tuple(v.shape) != tuple(p.shape) for k, v in saved.items()
+                )):
+                    raise ValueError(f"saved state of a parameter of group {index} does not match its configuration")
+
+
+class MultiLevelSGD(_MultiLevelOptimizer):
+    """SGD (optionally with momentum or Nesterov momentum) with multi-level hyper-gradient
+    learning rates (SPEC sections 2-4)."""
+
+    _kind = "sgd"
+
+    def __init__(self, params, lr=1e-2, momentum=0.0, dampening=0.0, nesterov=False,
+                 weight_decay=0.0, maximize=False, *, levels=DEFAULT_LEVELS, init_weights=None,
+                 hypergrad_lr=None, hypergrad_rule="additive", hypergrad_scaling="size",
+                 combination_lr=None, shrinkage=None, rate_bounds=(0.0, None), hd_decay=0.0,
+                 final_lr=None, skip_nonfinite=True, backend="auto"):
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+            weight_decay=weight_decay, maximize=maximize, levels=levels,
+            init_weights=init_weights, hypergrad_lr=hypergrad_lr, hypergrad_rule=hypergrad_rule,
+            hypergrad_scaling=hypergrad_scaling, combination_lr=combination_lr,
+            shrinkage=shrinkage, rate_bounds=rate_bounds, hd_decay=hd_decay, final_lr=final_lr,
+            skip_nonfinite=skip_nonfinite, backend=backend,
+        )
+        super().__init__(params, defaults)
+
+
+class MultiLevelAdam(_MultiLevelOptimizer):
+    """Adam (or AdamW with decoupled_weight_decay=True) with multi-level hyper-gradient
+    learning rates (SPEC sections 2-4)."""
+
+    _kind = "adam"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, maximize=False, *, levels=DEFAULT_LEVELS,
+                 init_weights=None, hypergrad_lr=None, hypergrad_rule="additive",
+                 hypergrad_scaling="size", combination_lr=None, shrinkage=None,
+                 rate_bounds=(0.0, None), hd_decay=0.0, final_lr=None, skip_nonfinite=True,
+                 backend="auto"):
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, levels=levels,
+            init_weights=init_weights, hypergrad_lr=hypergrad_lr, hypergrad_rule=hypergrad_rule,
+            hypergrad_scaling=hypergrad_scaling, combination_lr=combination_lr,
+            shrinkage=shrinkage, rate_bounds=rate_bounds, hd_decay=hd_decay, final_lr=final_lr,
+            skip_nonfinite=skip_nonfinite, backend=backend,
+        )
+        super().__init__(params, defaults)
+
+
+class MultiLevelAdamW(MultiLevelAdam):
+    """MultiLevelAdam with decoupled weight decay (default 1e-2), as torch.optim.AdamW."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 decoupled_weight_decay=True, maximize=False, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize, **kwargs)

@@ -1,0 +1,195 @@
+"""Option validation and resolution for one param group (SPEC section 4).
+
+`validate_group` runs when a group is added, so bad input fails at construction with a
+message that names the option. `resolve` turns a group's raw options (with their `None`
+defaults) into the numbers one step uses; every backend reads only `GroupOptions`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+from .hierarchy import LEVELS
+
+RULES = ("additive", "multiplicative")
+SCALINGS = ("size", "none")
+BACKEND_NAMES = ("auto", "triton", "cuda", "cpp", "torch", "reference")
+DEFAULT_LEVELS = ("global", "unit")
+PAPER_CONV_WEIGHTS = (0.8, 0.2)  # the paper's filter+global setting, in DEFAULT_LEVELS order
+DEFAULT_ADDITIVE_BETA = {"adam": 1e-8, "sgd": 1e-6}  # the paper's ResNet settings
+DEFAULT_MULTIPLICATIVE_BETA = 0.02  # Baydin et al.'s HDM example
+
+
+@dataclass(frozen=True)
+class GroupOptions:
+    """Everything one step of one param group needs, with defaults resolved."""
+
+    kind: str  # "sgd" or "adam"
+    levels: tuple[str, ...]
+    lr: float
+    final_lr: float
+    weight_decay: float
+    decoupled_weight_decay: bool
+    maximize: bool
+    momentum: float
+    dampening: float
+    nesterov: bool
+    beta1: float
+    beta2: float
+    eps: float
+    hypergrad_lr: dict  # level -> beta_k
+    combination_lr: float  # delta
+    rule: str
+    scaling: str
+    shrinkage: dict  # level -> rho, only for active levels that have an active parent
+    parents: dict  # level -> next coarser active level (absent for the coarsest)
+    rate_bounds: Optional[tuple]  # (lo or None, hi or None), or None: no clamp
+    hd_decay: float
+    skip_nonfinite: bool
+    init_weights: tuple[float, ...]  # normalised, in `levels` order
+
+    @property
+    def multi_level(self) -> bool:
+        return len(self.levels) > 1
+
+    @property
+    def stores_direction(self) -> bool:
+        """SGD keeps the last direction when it cannot be recomputed from other state."""
+        return self.kind == "sgd" and (self.momentum == 0 or self.nesterov)
+
+
+def _check_nonnegative(name, value):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+
+
+def _levels(group) -> tuple[str, ...]:
+    levels = group["levels"]
+    if isinstance(levels, str):
+        raise ValueError(f"levels must be a sequence of level names, got the string {levels!r}")
+    levels = tuple(levels)
+    if not levels:
+        raise ValueError("levels must name at least one of " + ", ".join(LEVELS))
+    unknown = [lv for lv in levels if lv not in LEVELS]
+    if unknown:
+        raise ValueError(f"unknown level(s) {unknown}; choose from {LEVELS}")
+    if len(set(levels)) != len(levels):
+        raise ValueError(f"levels must not repeat a level, got {levels}")
+    return levels
+
+
+def _per_level(name, value, levels, default):
+    """A float for all levels or a {level: float} dict -> {level: float} for `levels`."""
+    if isinstance(value, dict):
+        unknown = [lv for lv in value if lv not in LEVELS]
+        if unknown:
+            raise ValueError(f"{name} names unknown level(s) {unknown}; choose from {LEVELS}")
+        out = {lv: value.get(lv, default) for lv in levels}
+    else:
+        out = {lv: default if value is None else value for lv in levels}
+    for lv, v in out.items():
+        _check_nonnegative(f"{name}[{lv!r}]", v)
+    return out
+
+
+def validate_group(group: dict, kind: str) -> None:
+    """Raise ValueError naming the bad option; `resolve` then cannot fail."""
+    resolve(group, kind)
+    if group["backend"] not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {group['backend']!r}; choose from {BACKEND_NAMES}")
+
+
+def resolve(group: dict, kind: str) -> GroupOptions:
+    levels = _levels(group)
+    lr = group["lr"]
+    _check_nonnegative("lr", lr)
+    _check_nonnegative("weight_decay", group["weight_decay"])
+    _check_nonnegative("hd_decay", group["hd_decay"])
+    final_lr = lr if group["final_lr"] is None else group["final_lr"]
+    _check_nonnegative("final_lr", final_lr)
+
+    rule, scaling = group["hypergrad_rule"], group["hypergrad_scaling"]
+    if rule not in RULES:
+        raise ValueError(f"hypergrad_rule must be one of {RULES}, got {rule!r}")
+    if scaling not in SCALINGS:
+        raise ValueError(f"hypergrad_scaling must be one of {SCALINGS}, got {scaling!r}")
+    default_beta = DEFAULT_ADDITIVE_BETA[kind] if rule == "additive" else DEFAULT_MULTIPLICATIVE_BETA
+    beta = _per_level("hypergrad_lr", group["hypergrad_lr"], levels, default_beta)
+    if rule == "multiplicative" and any(b >= 1 for b in beta.values()):
+        raise ValueError(f"the multiplicative rule needs hypergrad_lr < 1, got {beta}")
+
+    delta = group["combination_lr"]
+    if delta is None:
+        if rule == "multiplicative":
+            delta = min(beta.values())
+        else:  # moves the weights at the rates' relative pace; no pace to match at lr 0
+            delta = min(beta.values()) / lr**2 if lr > 0 else 0.0
+    _check_nonnegative("combination_lr", delta)
+
+    shrink_in = group["shrinkage"] or {}
+    if not isinstance(shrink_in, dict):
+        raise ValueError(f"shrinkage must be a dict {{level: rho}} or None, got {shrink_in!r}")
+    for lv, rho in shrink_in.items():
+        if lv not in LEVELS:
+            raise ValueError(f"shrinkage names unknown level {lv!r}; choose from {LEVELS}")
+        if not isinstance(rho, numbers.Real) or not 0 <= rho < 1:
+            raise ValueError(f"shrinkage rho for {lv!r} must lie in [0, 1), got {rho!r}")
+    active = [lv for lv in LEVELS if lv in levels]  # coarse to fine
+    parents = {fine: coarse for coarse, fine in zip(active, active[1:])}
+    shrinkage = {lv: float(rho) for lv, rho in shrink_in.items() if lv in parents and rho > 0}
+
+    bounds = group["rate_bounds"]
+    if bounds is not None:
+        if len(bounds) != 2:
+            raise ValueError(f"rate_bounds must be (lo, hi) or None, got {bounds!r}")
+        lo, hi = bounds
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"rate_bounds lower bound {lo} exceeds upper bound {hi}")
+        bounds = (lo, hi)
+
+    init = group["init_weights"]
+    if init is None:
+        init = PAPER_CONV_WEIGHTS if levels == DEFAULT_LEVELS else (1.0,) * len(levels)
+    init = tuple(init)
+    if len(init) != len(levels):
+        raise ValueError(f"init_weights needs {len(levels)} values (one per level), got {len(init)}")
+    for v in init:
+        _check_nonnegative("init_weights", v)
+    if not sum(init) > 0:
+        raise ValueError("init_weights must have a positive sum")
+    init = tuple(float(v) / sum(init) for v in init)
+
+    if kind == "adam":
+        beta1, beta2 = group["betas"]
+        for name, b in (("betas[0]", beta1), ("betas[1]", beta2)):
+            if not isinstance(b, numbers.Real) or not 0 <= b < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {b!r}")
+        _check_nonnegative("eps", group["eps"])
+        momentum = dampening = 0.0
+        nesterov, eps, decoupled = False, group["eps"], group["decoupled_weight_decay"]
+    else:
+        momentum, dampening, nesterov = group["momentum"], group["dampening"], group["nesterov"]
+        _check_nonnegative("momentum", momentum)
+        _check_nonnegative("dampening", dampening)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov momentum requires a positive momentum and zero dampening")
+        beta1 = beta2 = eps = 0.0
+        decoupled = False
+
+    return GroupOptions(
+        kind=kind, levels=levels, lr=float(lr), final_lr=float(final_lr),
+        weight_decay=float(group["weight_decay"]), decoupled_weight_decay=bool(decoupled),
+        maximize=bool(group["maximize"]), momentum=float(momentum),
+        dampening=float(dampening), nesterov=bool(nesterov), beta1=float(beta1),
+        beta2=float(beta2), eps=float(eps), hypergrad_lr=beta, combination_lr=float(delta),
+        rule=rule, scaling=scaling, shrinkage=shrinkage, parents=parents,
+        rate_bounds=bounds, hd_decay=float(group["hd_decay"]),
+        skip_nonfinite=bool(group["skip_nonfinite"]), init_weights=init,
+    )
+
+
+def tau(hd_decay: float, t: float) -> float:
+    """The annealing factor exp(-hd_decay * t) of SPEC step 6."""
+    return math.exp(-hd_decay * t)
