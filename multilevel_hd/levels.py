@@ -1,0 +1,165 @@
+"""The level stage shared by the fast backends: unit sums in, new rates and weights out.
+
+A fast step is three stages (see ARCHITECTURE in README): a reduction pass over the
+elements writes per-unit sums, this stage turns them into the new coarse rates
+(global, layer, unit) and weights, and an elementwise pass applies the step. This stage
+touches arrays of one entry per unit, so it is written once, with torch operations that
+never read a value on the host: the skip and "t >= 2" decisions are 0/1 device tensors.
+
+The param level has one rate per element, so its HD update happens in the elementwise
+pass; this stage hands that pass the scalars and the per-unit parent values it needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .hierarchy import StepPlan
+from .options import GroupOptions
+from .state import GROUP_RATE_KEYS
+
+COARSE_LEVELS = ("global", "layer", "unit")
+
+
+@dataclass
+class UnitSums:
+    """What the reduction pass produces for one group (zeros for units that do not step).
+
+    s, qg, qu: per unit, the sums of g*u_prev, g^2 and u_prev^2 (qg and qu only for the
+    multiplicative rule). param_dot, param_sq: sum over the group of
+    alpha_param_old * g * u_prev and of (alpha_param_old * g)^2 (for the weights; only
+    when the param level is one of several). finite: 0-d bool, False when any g is NaN/Inf.
+    """
+
+    s: torch.Tensor
+    qg: Optional[torch.Tensor] = None
+    qu: Optional[torch.Tensor] = None
+    param_dot: Optional[torch.Tensor] = None
+    param_sq: Optional[torch.Tensor] = None
+    finite: Optional[torch.Tensor] = None
+
+
+@dataclass
+class StepCoefficients:
+    """What the elementwise pass needs from the level stage (all device tensors).
+
+    gate: 1 if the step proceeds, 0 if it is skipped. hd_gate: 1 if rates move (t >= 2).
+    kappa_units: per unit, gate * (tau_t * sum over coarse levels of w_k alpha_k + (1 - tau_t)
+    * final_lr), the applied rate when there is no param level. param_kappa: gate * tau_t *
+    w_param, so kappa_e = kappa_units[unit(e)] + param_kappa * alpha_param_new[e].
+    param_hd: the param level's HD coefficient: additive beta * N/1 * tau_{t-1} * w_param,
+    multiplicative beta * w_param. param_parent: per unit (or 0-d for a global parent), the
+    HD-updated unshrunk parent rate that param-level shrinkage pulls toward.
+    """
+
+    gate: torch.Tensor
+    hd_gate: torch.Tensor
+    kappa_units: torch.Tensor
+    param_kappa: Optional[torch.Tensor] = None
+    param_hd: Optional[torch.Tensor] = None
+    param_parent: Optional[torch.Tensor] = None
+
+
+def _per_unit(level: str, values: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+    """A coarse level's values indexed by unit (global stays 0-d and broadcasts)."""
+    if level == "layer":
+        return values[plan.layer_of_unit(values.device)]
+    return values
+
+
+def update_levels(opts: GroupOptions, plan: StepPlan, gs: dict, sums: UnitSums) -> StepCoefficients:
+    """SPEC steps 2 (the counters), 3-4 (coarse rates and weights) and the coarse part of 6."""
+    device, acc = gs["weights"].device, gs["weights"].dtype
+    if opts.skip_nonfinite:
+        gate = sums.finite.to(acc)
+        gs["skipped"].add_((~sums.finite).to(torch.int64))
+    else:
+        gate = torch.ones((), dtype=acc, device=device)
+    gs["step"].add_(gate)
+    t = gs["step"]
+    hd_gate = gate * (t >= 2)
+    tau_prev, tau_t = torch.exp(-opts.hd_decay * (t - 1)), torch.exp(-opts.hd_decay * t)
+    w = gs["weights"].clone()  # the old weights: every right-hand side uses them
+    multiplicative = opts.rule == "multiplicative"
+    k_of = {level: k for k, level in enumerate(opts.levels)}
+    coarse = [lv for lv in COARSE_LEVELS if lv in opts.levels]
+
+    layer_lengths = plan.units_per_layer(device)
+
+    def level_sum(level, per_unit):
+        if level == "unit":
+            return per_unit
+        if level == "layer":
+            return torch.segment_reduce(per_unit, "sum", lengths=layer_lengths)
+        return per_unit.sum()
+
+    old = {lv: gs[GROUP_RATE_KEYS[lv]].clone() for lv in coarse}
+    hd = {}
+    for level in coarse:
+        k, beta, s = k_of[level], opts.hypergrad_lr[level], level_sum(level, sums.s)
+        if multiplicative:
+            prod = level_sum(level, sums.qg) * level_sum(level, sums.qu)
+            cos = torch.where(prod > 0, s / prod.sqrt(), 0.0)
+            hd[level] = old[level] * (1 + beta * w[k] * cos)
+        else:
+            sized = opts.scaling == "size" and level != "global"  # global: N / N = 1
+            scale = plan.size_scale(level, device, acc) if sized else 1.0
+            hd[level] = old[level] + (beta * tau_prev * w[k]) * scale * s
+
+    new = dict(hd)
+    for level, rho in opts.shrinkage.items():
+        if level != "param":
+            parent = hd[opts.parents[level]]
+            if level == "unit":
+                parent = _per_unit(opts.parents[level], parent, plan)
+            new[level] = torch.lerp(hd[level], parent.expand_as(hd[level]), rho)
+    if opts.rate_bounds is not None and opts.rate_bounds != (None, None):
+        lo, hi = opts.rate_bounds
+        new = {lv: r.clamp(min=lo, max=hi) for lv, r in new.items()}
+
+    if opts.multi_level:
+        a_dot_s, r_sq = [], []  # per level: sum_j alpha_old S_j, and R = sum_e (alpha_old g)^2
+        for level in opts.levels:
+            if level == "param":
+                a_dot_s.append(sums.param_dot)
+                r_sq.append(sums.param_sq)
+            else:
+                a_dot_s.append((old[level] * level_sum(level, sums.s)).sum())
+                if multiplicative:
+                    r_sq.append((old[level] ** 2 * level_sum(level, sums.qg)).sum())
+        a_dot_s = torch.stack(a_dot_s).to(acc)
+        if multiplicative:
+            denom = (torch.stack(r_sq).to(acc) * sums.qu.sum()).sqrt()
+            new_w = w * torch.where(denom > 0, 1 + opts.combination_lr * a_dot_s / denom, 1.0)
+        else:
+            new_w = w + opts.combination_lr * tau_prev * a_dot_s
+        new_w = new_w.clamp(min=0)
+        total = new_w.sum()
+        gs["weights"].lerp_(torch.where(total > 0, new_w / total, 1.0 / len(opts.levels)), hd_gate)
+
+    # Units and layers of tensors that do not step keep their rates (their sums are zero,
+    # but shrinkage and the clamp would still move them).
+    masks = {"global": 1.0, "layer": plan.layer_mask(device, acc), "unit": plan.unit_mask(device, acc)}
+    for level in coarse:
+        gs[GROUP_RATE_KEYS[level]].lerp_(new[level], hd_gate * masks[level])
+    gs["last_weights"].lerp_(w, gate)
+
+    alpha_coarse = sum(
+        (w[k_of[lv]] * _per_unit(lv, gs[GROUP_RATE_KEYS[lv]], plan) for lv in coarse),
+        torch.zeros((), dtype=acc, device=device),
+    )
+    kappa_units = (gate * (tau_t * alpha_coarse + (1 - tau_t) * opts.final_lr)).expand(plan.layout.num_units)
+    coeffs = StepCoefficients(gate=gate, hd_gate=hd_gate, kappa_units=kappa_units)
+    if "param" in opts.levels:
+        k, beta = k_of["param"], opts.hypergrad_lr["param"]
+        coeffs.param_kappa = gate * tau_t * w[k]
+        if multiplicative:
+            coeffs.param_hd = beta * w[k]
+        else:
+            coeffs.param_hd = beta * (plan.num_elements if opts.scaling == "size" else 1) * tau_prev * w[k]
+        if "param" in opts.shrinkage:
+            parent = opts.parents["param"]
+            coeffs.param_parent = _per_unit(parent, hd[parent], plan)
+    return coeffs
