@@ -11,7 +11,12 @@ _MODULES = {
     "torch": "multilevel_hd.backends.torch_backend",
 }
 # Backends not built in this version; asking for them says so instead of a KeyError.
-_PLANNED = ("triton", "cuda", "cpp")
+# (A backend moves from here to _MODULES when its module lands.)
+_PLANNED = (
+    "triton",
+    "cuda",
+    "cpp",
+)
 # "auto" tries these in order for a device type; the pure-PyTorch backend runs anywhere.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
@@ -29,7 +34,7 @@ def unavailable_reason(name: str, device: torch.device):
 
 def available_backends(device) -> list[str]:
     device = torch.device(device)
-    return [name for name in (*_MODULES, *_PLANNED) if unavailable_reason(name, device) is None]
+    return [name for name in _MODULES if unavailable_reason(name, device) is None]
 
 
 def resolve_backend(name: str, device) -> str:
