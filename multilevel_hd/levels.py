@@ -4,7 +4,9 @@ A fast step is three stages (see ARCHITECTURE in README): a reduction pass over 
 elements writes per-unit sums, this stage turns them into the new coarse rates
 (global, layer, unit) and weights, and an elementwise pass applies the step. This stage
 touches arrays of one entry per unit, so it is written once, with torch operations that
-never read a value on the host: the skip and "t >= 2" decisions are 0/1 device tensors.
+never read a value on the host: the skip and "t >= 2" decisions are 0/1 device tensors,
+and updates are selected with `where` so that sums made non-finite by a bad gradient
+never leak into the state of a skipped step.
 
 The param level has one rate per element, so its HD update happens in the elementwise
 pass; this stage hands that pass the scalars and the per-unit parent values it needs.
@@ -137,14 +139,16 @@ def update_levels(opts: GroupOptions, plan: StepPlan, gs: dict, sums: UnitSums) 
             new_w = w + opts.combination_lr * tau_prev * a_dot_s
         new_w = new_w.clamp(min=0)
         total = new_w.sum()
-        gs["weights"].lerp_(torch.where(total > 0, new_w / total, 1.0 / len(opts.levels)), hd_gate)
+        new_w = torch.where(total > 0, new_w / total, 1.0 / len(opts.levels))
+        gs["weights"].copy_(torch.where(hd_gate > 0, new_w, w))
 
     # Units and layers of tensors that do not step keep their rates (their sums are zero,
     # but shrinkage and the clamp would still move them).
     masks = {"global": 1.0, "layer": plan.layer_mask(device, acc), "unit": plan.unit_mask(device, acc)}
     for level in coarse:
-        gs[GROUP_RATE_KEYS[level]].lerp_(new[level], hd_gate * masks[level])
-    gs["last_weights"].lerp_(w, gate)
+        move = (hd_gate * masks[level]) > 0
+        gs[GROUP_RATE_KEYS[level]].copy_(torch.where(move, new[level], old[level]))
+    gs["last_weights"].copy_(torch.where(gate > 0, w, gs["last_weights"]))
 
     alpha_coarse = sum(
         (w[k_of[lv]] * _per_unit(lv, gs[GROUP_RATE_KEYS[lv]], plan) for lv in coarse),
@@ -159,7 +163,7 @@ def update_levels(opts: GroupOptions, plan: StepPlan, gs: dict, sums: UnitSums) 
             coeffs.param_hd = beta * w[k]
         else:
             coeffs.param_hd = beta * (plan.num_elements if opts.scaling == "size" else 1) * tau_prev * w[k]
-        if "param" in opts.shrinkage:
+        if "param" in opts.shrinkage:  # finite even when a bad gradient skips the step
             parent = opts.parents["param"]
-            coeffs.param_parent = _per_unit(parent, hd[parent], plan)
+            coeffs.param_parent = _per_unit(parent, torch.where(hd_gate > 0, hd[parent], old[parent]), plan)
     return coeffs
