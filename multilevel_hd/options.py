@@ -6,7 +6,6 @@ defaults) into the numbers one step uses; every backend reads only `GroupOptions
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Optional
@@ -188,8 +187,3 @@ def resolve(group: dict, kind: str) -> GroupOptions:
         rate_bounds=bounds, hd_decay=float(group["hd_decay"]),
         skip_nonfinite=bool(group["skip_nonfinite"]), init_weights=init,
     )
-
-
-def tau(hd_decay: float, t: float) -> float:
-    """The annealing factor exp(-hd_decay * t) of SPEC step 6."""
-    return math.exp(-hd_decay * t)
