@@ -6,9 +6,10 @@ compiled runs. It runs the same three stages as the fused backends: a reduction 
 shared level stage (`multilevel_hd.levels`), and an elementwise pass per tensor.
 
 Design, measured (see bench/results/cpu.md): a loop over tensors whose every operation
-is an in-place or fused one (lerp_, addcmul, addcmul_) beat a torch._foreach_* chain on
+is an in-place or fused one (lerp_, addcmul_, out=) beat a torch._foreach_* chain on
 CPU, because the foreach chain materialises a list of full-size temporaries per
-operation. Nothing reads a tensor value on the host: the non-finite guard and "t >= 2"
+operation; the few temporaries left live in reusable scratch buffers, because PyTorch's
+CPU allocator does not cache and a fresh multi-megabyte buffer costs page faults. Nothing reads a tensor value on the host: the non-finite guard and "t >= 2"
 are 0/1 device tensors that gate every update (a state update becomes
 `lerp(old, new, gate)`, the parameter update is scaled by the gate), so a skipped step
 leaves every tensor as it was without a host synchronisation. The guard reads the flag
@@ -36,26 +37,24 @@ def step(job: GroupJob) -> None:
     layouts = plan.active_layouts
     multiplicative = opts.rule == "multiplicative"
     param_sums = "param" in opts.levels and opts.multi_level
-    device = gs["weights"].device
-    sums = UnitSums(s=torch.zeros(plan.layout.num_units, dtype=acc, device=device))
+    sums = UnitSums(s=torch.zeros(plan.layout.num_units, dtype=acc, device=gs["weights"].device))
     if multiplicative:
         sums.qg, sums.qu = torch.zeros_like(sums.s), torch.zeros_like(sums.s)
     dots, squares = [], []
     for p, grad, st, lay in zip(job.params, job.grads, job.states, layouts):
         g = _effective_grad(p, grad, opts)
-        # u_prev = x * scale with a per-tensor scale, applied to the (small) sums
-        x, scale = _previous_direction(st, opts)
-        gx = g * x
+        x, scale = _previous_direction(st, opts)  # u_prev = x * scale, scale per tensor
+        h = torch.mul(g, x, out=_scratch("h", g))
         rows = slice(lay.unit_offset, lay.unit_offset + lay.units)
-        _row_sums(gx, sums.s[rows], scale)
-        if multiplicative:
-            _row_sums(g * g, sums.qg[rows])
-            _row_sums(x * x, sums.qu[rows], None if scale is None else scale * scale)
+        _row_sums(h, sums.s[rows], scale)
         if param_sums:
-            dot = torch.sum(st["param_rate"] * gx, dtype=acc)
+            dot = torch.mul(st["param_rate"], h, out=h).sum(dtype=acc)
             dots.append(dot if scale is None else dot * scale)
-            if multiplicative:
-                squares.append(torch.sum((st["param_rate"] * g) ** 2, dtype=acc))
+        if multiplicative:
+            _row_sums(torch.mul(x, x, out=h), sums.qu[rows], None if scale is None else scale * scale)
+            _row_sums(torch.mul(g, g, out=h), sums.qg[rows])
+            if param_sums:
+                squares.append(torch.mul(st["param_rate"], g, out=h).square_().sum(dtype=acc))
     if param_sums:
         sums.param_dot = torch.stack(dots).sum()
         sums.param_sq = torch.stack(squares).sum() if multiplicative else None
@@ -67,17 +66,44 @@ def step(job: GroupJob) -> None:
     for p, grad, st, lay in zip(job.params, job.grads, job.states, layouts):
         g = _effective_grad(p, grad, opts)
         if opts.skip_nonfinite:  # so that the gated arithmetic below stays finite
-            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=_scratch("g", g))
         kappa = _unit_view(coeffs.kappa_units, lay, p).to(g.dtype)
         if "param" in opts.levels:
             rate = _update_param_rate(g, st, lay, p, opts, coeffs)
-            kappa = torch.addcmul(kappa, rate, coeffs.param_kappa.to(g.dtype))
-        p_math = p if p.dtype == g.dtype else p.float()
+            kappa = torch.addcmul(kappa, rate, coeffs.param_kappa.to(g.dtype), out=_scratch("h", g))
+        p_math = p if p.dtype == g.dtype else _scratch("p", g).copy_(p)
         if opts.decoupled_weight_decay and opts.weight_decay > 0:
-            p_math.mul_(1 - kappa * opts.weight_decay)
-        _step_direction(p_math, g, st, opts, coeffs.gate.to(g.dtype), kappa)
+            p_math.addcmul_(p_math, kappa, value=-opts.weight_decay)
+        _step_direction(p_math, g, st, opts, coeffs.gate.to(g.dtype), kappa, "param" in opts.levels)
         if p_math is not p:
             p.copy_(p_math)
+
+
+class _Scratch:
+    """Full-size temporaries reused across tensors and steps, one buffer per slot name.
+
+    A view comes back with the strides of the tensor it stands for (contiguous or
+    channels_last), so elementwise operations between them stay dense."""
+
+    def __init__(self):
+        self._buffers = {}
+
+    def __call__(self, slot: str, like: torch.Tensor, dtype=None) -> torch.Tensor:
+        dtype = dtype or like.dtype
+        key = (slot, like.device, dtype)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            buf = self._buffers[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
+        flat = buf[: like.numel()]
+        if like.is_contiguous():
+            return flat.view(like.shape)
+        if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last):
+            n, c, hgt, wid = like.shape
+            return flat.view(n, hgt, wid, c).permute(0, 3, 1, 2)
+        return torch.empty_like(like, dtype=dtype)
+
+
+_scratch = _Scratch()
 
 
 def _unit_view(per_unit: torch.Tensor, lay, p) -> torch.Tensor:
@@ -97,11 +123,13 @@ def _row_sums(x: torch.Tensor, out: torch.Tensor, scale=None) -> None:
 
 
 def _effective_grad(p, grad, opts: GroupOptions) -> torch.Tensor:
-    g = grad.to(compute_dtype(grad.dtype))
+    """g of SPEC step 1 in the math dtype; the gradient itself when nothing changes it."""
+    dtype = compute_dtype(grad.dtype)
+    g = grad if grad.dtype == dtype else _scratch("g", grad, dtype).copy_(grad)
     if opts.maximize:
-        g = -g
+        g = torch.neg(g, out=_scratch("g", g))
     if opts.weight_decay > 0 and not opts.decoupled_weight_decay:
-        g = g.add(p, alpha=opts.weight_decay)
+        g = torch.add(g, p, alpha=opts.weight_decay, out=_scratch("g", g))
     return g
 
 
@@ -111,10 +139,10 @@ def _adam_direction(st: dict, opts: GroupOptions):
     per-tensor scale is left to the caller, who applies it to something smaller than x."""
     m = st["exp_avg"]
     s = st["step"].to(m.dtype).clamp(min=1)
-    denom = st["exp_avg_sq"].sqrt()
-    torch.addcmul(torch.full((), opts.eps, dtype=m.dtype, device=m.device), denom,
-                  (1 - opts.beta2**s).rsqrt(), out=denom)
-    return torch.div(m, denom, out=denom), 1 / (1 - opts.beta1**s)
+    x = torch.sqrt(st["exp_avg_sq"], out=_scratch("x", m))
+    torch.addcmul(torch.full((), opts.eps, dtype=m.dtype, device=m.device), x,
+                  (1 - opts.beta2**s).rsqrt(), out=x)
+    return torch.div(m, x, out=x), 1 / (1 - opts.beta1**s)
 
 
 def _previous_direction(st: dict, opts: GroupOptions):
@@ -124,14 +152,16 @@ def _previous_direction(st: dict, opts: GroupOptions):
     return st["prev_direction" if opts.stores_direction else "momentum_buffer"], None
 
 
-def _step_direction(p, g, st: dict, opts: GroupOptions, gate, kappa) -> None:
-    """Advance the base state by this step's g and apply p -= kappa * u, all gated."""
+def _step_direction(p, g, st: dict, opts: GroupOptions, gate, kappa, kappa_is_scratch: bool) -> None:
+    """Advance the base state by this step's g and apply p -= kappa * u, all gated.
+    A full-size kappa lives in scratch and may be scaled in place; a per-unit one is a
+    view of the level stage's array and must not be."""
     if opts.kind == "adam":
         st["exp_avg"].lerp_(g, (1 - opts.beta1) * gate)
-        st["exp_avg_sq"].lerp_(g * g, (1 - opts.beta2) * gate)
+        st["exp_avg_sq"].lerp_(torch.mul(g, g, out=_scratch("x", g)), (1 - opts.beta2) * gate)
         st["step"].add_(gate.float())
         u, scale = _adam_direction(st, opts)
-        kappa = kappa * scale
+        kappa = kappa.mul_(scale) if kappa_is_scratch else kappa * scale
     else:
         u = g
         if opts.momentum != 0:
@@ -139,8 +169,8 @@ def _step_direction(p, g, st: dict, opts: GroupOptions, gate, kappa) -> None:
             # The first step sets buf = g: buf is still zero then, so only g's factor changes.
             first = (st["step"] == 0).to(g.dtype)
             buf.mul_(1 - (1 - opts.momentum) * gate)
-            buf.add_(g * ((1 - opts.dampening * (1 - first)) * gate))
-            u = g.add(buf, alpha=opts.momentum) if opts.nesterov else buf
+            buf.addcmul_(g, (1 - opts.dampening * (1 - first)) * gate)
+            u = torch.add(g, buf, alpha=opts.momentum, out=_scratch("x", g)) if opts.nesterov else buf
         if opts.stores_direction:
             st["prev_direction"].lerp_(u, gate)
         st["step"].add_(gate.float())
@@ -152,12 +182,14 @@ def _update_param_rate(g, st: dict, lay, p, opts: GroupOptions, coeffs: StepCoef
     runs before the base state moves, so u_prev is still the previous direction."""
     rate = st["param_rate"]
     x, scale = _previous_direction(st, opts)
-    h = g * x if scale is None else g * x * scale
+    new = torch.mul(g, x, out=_scratch("h", g))  # h = g * u_prev, then the new rate in place
+    if scale is not None:
+        new.mul_(scale)
     coef = coeffs.param_hd.to(rate.dtype)
     if opts.rule == "multiplicative":
-        new = rate * (1 + coef * torch.sign(h))
+        new.sign_().mul_(coef).add_(1).mul_(rate)
     else:
-        new = torch.addcmul(rate, h, coef)
+        torch.addcmul(rate, new, coef, out=new)
     if "param" in opts.shrinkage:
         parent = coeffs.param_parent
         parent = _unit_view(parent, lay, p) if parent.dim() else parent
