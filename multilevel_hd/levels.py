@@ -20,7 +20,7 @@ import torch
 
 from .hierarchy import StepPlan
 from .options import GroupOptions
-from .state import GROUP_RATE_KEYS
+from .state import GROUP_RATE_KEYS, record_applied_rates
 
 COARSE_LEVELS = ("global", "layer", "unit")
 
@@ -148,7 +148,7 @@ def update_levels(opts: GroupOptions, plan: StepPlan, gs: dict, sums: UnitSums) 
     for level in coarse:
         move = (hd_gate * masks[level]) > 0
         gs[GROUP_RATE_KEYS[level]].copy_(torch.where(move, new[level], old[level]))
-    gs["last_weights"].copy_(torch.where(gate > 0, w, gs["last_weights"]))
+    record_applied_rates(opts, gs, (plan.layer_mask(device, acc) * gate) > 0, tau_t, w)
 
     alpha_coarse = sum(
         (w[k_of[lv]] * _per_unit(lv, gs[GROUP_RATE_KEYS[lv]], plan) for lv in coarse),

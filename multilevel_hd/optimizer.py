@@ -7,13 +7,13 @@ import torch
 from . import backends
 from .hierarchy import GroupLayout, StepPlan
 from .options import DEFAULT_LEVELS, resolve, validate_group
-from .reference import combined_rate, rate_view
+from .reference import applied_rate, rate_view
 from .state import (
-    GROUP_RATE_KEYS,
     GroupJob,
     compute_dtype,
     expected_param_keys,
     group_dtype,
+    group_state_shapes,
     new_group_state,
     new_param_state,
 )
@@ -141,9 +141,8 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                 if q is p:
                     opts = resolve(group, self._kind)
                     gs = self._group_state_or_initial(index)
-                    kappa = combined_rate(
-                        opts, gs["last_weights"], gs, self._layouts[index].tensors[j], p,
-                        self._param_state_or_initial(p, opts), float(gs["step"]),
+                    kappa = applied_rate(
+                        opts, gs, self._layouts[index].tensors[j], p, self._param_state_or_initial(p, opts)
                     )
                     return torch.as_tensor(kappa, device=p.device).expand(p.shape).clone()
         raise ValueError("effective_rate: the tensor is not a parameter of this optimizer")
@@ -198,14 +197,14 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             if len(saved_group["params"]) != layout.num_layers:
                 raise ValueError(f"param group {index} has a different number of parameters")
             opts = resolve(saved_group, self._kind)
+            current_levels = tuple(self.param_groups[index]["levels"])
+            if opts.levels != current_levels:
+                raise ValueError(
+                    f"param group {index} was saved with levels {opts.levels}, this optimizer has {current_levels}"
+                )
             if gs is not None:
-                expected = {"global": (), "layer": (layout.num_layers,), "unit": (layout.num_units,)}
-                want = {"step", "skipped", "weights", "last_weights"} | {
-                    GROUP_RATE_KEYS[lv] for lv in opts.levels if lv in GROUP_RATE_KEYS
-                }
-                if set(gs) != want or gs["weights"].shape != (len(opts.levels),) or any(
-                    tuple(gs[GROUP_RATE_KEYS[lv]].shape) != expected[lv] for lv in opts.levels if lv in GROUP_RATE_KEYS
-                ):
+                shapes = group_state_shapes(opts, layout)
+                if set(gs) != set(shapes) or any(tuple(gs[k].shape) != shape for k, shape in shapes.items()):
                     raise ValueError(f"state of param group {index} does not match its levels and parameters")
             keys = expected_param_keys(opts)
             for pid, p in zip(saved_group["params"], self.param_groups[index]["params"]):

@@ -14,7 +14,7 @@ import torch
 
 from .hierarchy import TensorLayout, tensor_units
 from .options import GroupOptions
-from .state import GroupJob, compute_dtype
+from .state import GroupJob, compute_dtype, record_applied_rates
 
 name = "reference"
 
@@ -45,6 +45,17 @@ def combined_rate(opts: GroupOptions, weights, group_state, t: TensorLayout, p, 
     return tau_t * alpha + (1 - tau_t) * opts.final_lr
 
 
+def applied_rate(opts: GroupOptions, group_state, t: TensorLayout, p, param_state) -> torch.Tensor:
+    """kappa as the last step of p applied it (see state.record_applied_rates)."""
+    dtype = compute_dtype(p.dtype)
+    kappa = group_state["applied_offset"][t.layer].to(dtype)
+    for k, level in enumerate(opts.levels):
+        if level != "global":
+            rate = rate_view(level, group_state, t, p, param_state).to(dtype)
+            kappa = kappa + group_state["applied_scale"][t.layer, k].to(dtype) * rate
+    return kappa
+
+
 def step(job: GroupJob) -> None:
     opts, gs = job.opts, job.group_state
     grads = [_effective_grad(p, g, opts) for p, g in zip(job.params, job.grads)]
@@ -64,7 +75,9 @@ def step(job: GroupJob) -> None:
         if opts.decoupled_weight_decay:
             new_p = new_p * (1 - kappa * opts.weight_decay)
         p.copy_(new_p - kappa * u)
-    gs["last_weights"].copy_(weights_used)
+    stepped = torch.zeros(job.plan.layout.num_layers, dtype=torch.bool, device=gs["step"].device)
+    stepped[[lay.layer for lay in layouts]] = True
+    record_applied_rates(opts, gs, stepped, torch.tensor(math.exp(-opts.hd_decay * t), dtype=gs["step"].dtype), weights_used)
 
 
 def _effective_grad(p, grad, opts: GroupOptions) -> torch.Tensor:

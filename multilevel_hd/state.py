@@ -10,7 +10,8 @@ Per param group (`optimizer.group_states[i]`, created at the group's first step)
   "step"            0-d: t, the group's steps taken
   "skipped"         int64 0-d: steps skipped by the non-finite guard
   "weights"         [K]: the combination weights the next step uses
-  "last_weights"    [K]: the weights the last step applied (for effective_rate)
+  "applied_scale"   [tensors, K], "applied_offset" [tensors]: what each tensor's own last
+                    step applied, for effective_rate (see `record_applied_rates`)
   "rate_global"     0-d; "rate_layer" [tensors in the group]; "rate_unit" [units in the group]
 Rates and state are float32 (float64 for float64 parameters; the group-level tensors are
 float64 when any parameter of the group is), on the parameters' device.
@@ -42,13 +43,46 @@ def new_group_state(opts: GroupOptions, layout: GroupLayout, device, dtype) -> d
         "step": torch.zeros((), dtype=dtype, device=device),
         "skipped": torch.zeros((), dtype=torch.int64, device=device),
         "weights": weights,
-        "last_weights": weights.clone(),
+    }
+    for level, key in GROUP_RATE_KEYS.items():
+        if level in opts.levels:
+            state[key] = torch.full(group_state_shapes(opts, layout)[key], opts.lr, dtype=dtype, device=device)
+    # Before any step effective_rate reports the rate the first step would apply: lr.
+    state["applied_scale"] = weights.expand(layout.num_layers, -1).clone()
+    state["applied_offset"] = torch.zeros(layout.num_layers, dtype=dtype, device=device)
+    if "global" in opts.levels:
+        state["applied_offset"] += weights[opts.levels.index("global")] * opts.lr
+    return state
+
+
+def group_state_shapes(opts: GroupOptions, layout: GroupLayout) -> dict:
+    """The shape of every group-state tensor (what a loaded state dict must match)."""
+    shapes = {
+        "step": (), "skipped": (), "weights": (len(opts.levels),),
+        "applied_scale": (layout.num_layers, len(opts.levels)), "applied_offset": (layout.num_layers,),
     }
     sizes = {"global": (), "layer": (layout.num_layers,), "unit": (layout.num_units,)}
     for level, key in GROUP_RATE_KEYS.items():
         if level in opts.levels:
-            state[key] = torch.full(sizes[level], opts.lr, dtype=dtype, device=device)
-    return state
+            shapes[key] = sizes[level]
+    return shapes
+
+
+def record_applied_rates(opts: GroupOptions, gs: dict, stepped, tau_t, weights_used) -> None:
+    """Remember, for each tensor that stepped, the parts of kappa that later steps change.
+
+    A tensor's layer, unit and param rates move only when it steps, but the global rate
+    and the weights move at every step of its group. So the kappa its last step applied is
+    `applied_offset[i] + sum over non-global levels k of applied_scale[i, k] * alpha_k`,
+    where the offset holds (1 - tau) * final_lr plus the global term. `stepped` is a [tensors]
+    bool device tensor; nothing is read on the host.
+    """
+    scale = tau_t * weights_used
+    offset = (1 - tau_t) * opts.final_lr
+    if "global" in opts.levels:
+        offset = offset + scale[opts.levels.index("global")] * gs["rate_global"]
+    gs["applied_scale"].copy_(torch.where(stepped[:, None], scale, gs["applied_scale"]))
+    gs["applied_offset"].copy_(torch.where(stepped, offset, gs["applied_offset"]))
 
 
 def new_param_state(p: torch.Tensor, opts: GroupOptions) -> dict:

@@ -12,9 +12,10 @@ operation; the few temporaries left live in reusable scratch buffers, because Py
 CPU allocator does not cache and a fresh multi-megabyte buffer costs page faults. Nothing reads a tensor value on the host: the non-finite guard and "t >= 2"
 are 0/1 device tensors that gate every update (a state update becomes
 `lerp(old, new, gate)`, the parameter update is scaled by the gate), so a skipped step
-leaves every tensor as it was without a host synchronisation. The guard reads the flag
-off the unit sums: a NaN or Inf anywhere in g makes its row sum of g * u_prev non-finite
-(0 * Inf is NaN too). Half-precision parameters are updated through float32 copies.
+leaves every tensor as it was without a host synchronisation. The guard's flag comes
+from each gradient's max and min (cheap vectorised reads; a product or sum would also
+flag finite values that overflow). Half-precision parameters are updated through
+float32 copies.
 """
 from __future__ import annotations
 
@@ -40,9 +41,11 @@ def step(job: GroupJob) -> None:
     sums = UnitSums(s=torch.zeros(plan.layout.num_units, dtype=acc, device=gs["weights"].device))
     if multiplicative:
         sums.qg, sums.qu = torch.zeros_like(sums.s), torch.zeros_like(sums.s)
-    dots, squares = [], []
+    dots, squares, extremes = [], [], []
     for p, grad, st, lay in zip(job.params, job.grads, job.states, layouts):
         g = _effective_grad(p, grad, opts)
+        if opts.skip_nonfinite:  # max and min are NaN or infinite iff an element is
+            extremes += [g.amax(), g.amin()]
         x, scale = _previous_direction(st, opts)  # u_prev = x * scale, scale per tensor
         h = torch.mul(g, x, out=_scratch("h", g))
         rows = slice(lay.unit_offset, lay.unit_offset + lay.units)
@@ -59,7 +62,7 @@ def step(job: GroupJob) -> None:
         sums.param_dot = torch.stack(dots).sum()
         sums.param_sq = torch.stack(squares).sum() if multiplicative else None
     if opts.skip_nonfinite:
-        sums.finite = sums.s.sum().isfinite()
+        sums.finite = torch.stack(extremes).isfinite().all()
 
     coeffs = update_levels(opts, plan, gs, sums)
 
