@@ -1,0 +1,179 @@
+"""One Markdown table of optimizer step times, measured side by side.
+
+    python -m bench.report [--models resnet18,resnet50] [--device cpu|cuda] [--repeats N]
+                           [--out FILE.md]
+
+Every available candidate (bench.candidates) of a model, plus two large streaming passes that
+measure the machine's bandwidth (bench.timing.bandwidth_subjects), runs once per round in
+shuffled order (bench.timing). Times are medians over the rounds; ratios are medians of the
+per-round ratios, so that a slow spell on a shared machine, which hits both sides of a ratio
+alike, cancels out. Progress goes to stderr, the report to stdout (and to --out).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from .candidates import ADAM_FUSED, ALL_CANDIDATES, Candidate, Live
+from .shapes import MODELS, make_grads, make_params, numel
+from .timing import STREAM_BYTES, Subject, bandwidth_subjects, interleave
+
+DEFAULT_MODELS = "resnet18,resnet50"
+# CUDA needs more warm-up (Triton compilation, allocator) and affords more rounds.
+WARMUP = {"cpu": 3, "cuda": 10}
+REPEATS = {"cpu": 30, "cuda": 100}
+DTYPE = torch.float32
+
+COLUMNS = ("model", "optimizer", "backend", "median ms", "x mlhd torch", "x Adam fused",
+           "min B/elem", "min MB", "GB/s", "% of in-place")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _median_ratio(times: dict[str, list[float]], num: Candidate, den: Candidate) -> float | None:
+    if den.id not in times:
+        return None
+    return statistics.median(a / b for a, b in zip(times[num.id], times[den.id]))
+
+
+def bench_model(model: str, device: torch.device, repeats: int, warmup: int):
+    """The table rows of one model, and the bandwidths (GB/s) measured among them."""
+    shapes = MODELS[model]
+    candidates, skipped = [], {}
+    for cand in ALL_CANDIDATES:
+        reason = cand.unavailable_reason(shapes, device)
+        if reason is None:
+            candidates.append(cand)
+        else:
+            skipped.setdefault(reason, []).append(cand.id)
+    for reason, ids in skipped.items():
+        _log(f"{model}: skipping {', '.join(ids)}: {reason}")
+    if not any(c.is_mlhd for c in candidates):
+        sys.exit(f"{model}: no multilevel_hd backend can run on {device}; see the reasons above")
+
+    params = make_params(shapes, device, DTYPE)
+    grad_sets = [make_grads(shapes, device, DTYPE, seed=seed) for seed in (1, 2)]
+    lives = {cand: Live(cand, params, grad_sets) for cand in candidates}
+    streams = bandwidth_subjects(device)
+    subjects = [Subject(c.id, live.step, live.feed) for c, live in lives.items()]
+    subjects += [subject for subject, _ in streams]
+    _log(f"{model}: {len(subjects)} subjects x ({warmup} warm-up + {repeats}) rounds")
+    times = interleave(subjects, repeats, warmup, device)
+    bandwidth = {subject.name: nbytes / statistics.median(times[subject.name]) / 1e9
+                 for subject, nbytes in streams}
+
+    rows = []
+    for cand in candidates:
+        median_s = statistics.median(times[cand.id])
+        vs_torch = _median_ratio(times, cand, cand.baseline())
+        vs_fused = _median_ratio(times, cand, ADAM_FUSED)
+        nbytes = cand.min_bytes(shapes, DTYPE)
+        gbps = nbytes / median_s / 1e9
+        rows.append((model, cand.config.label, cand.backend, _fmt3(median_s * 1e3),
+                     _fmt_ratio(vs_torch), _fmt_ratio(vs_fused),
+                     f"{nbytes / numel(shapes):.1f}", _fmt3(nbytes / 1e6),
+                     f"{gbps:.1f}", f"{100 * gbps / bandwidth['in-place']:.0f}"))
+    return rows, bandwidth
+
+
+def _fmt3(x: float) -> str:
+    """Three significant digits, without the exponent that `.3g` uses from 1000 on."""
+    return f"{x:.3g}" if x < 1000 else f"{x:.0f}"
+
+
+def _fmt_ratio(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        return next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def render(args, rows, bandwidth: dict[str, dict[str, float]]) -> str:
+    device = torch.device(args.device)
+    streams = "; ".join(
+        f"{model}: " + ", ".join(f"{name} {gbps:.1f} GB/s" for name, gbps in per_model.items())
+        for model, per_model in bandwidth.items())
+    header = [
+        "# multilevel_hd optimizer step benchmark",
+        "",
+        f"- command: `{shlex.join(['python', '-m', 'bench.report', *args.argv])}`",
+        f"- python {platform.python_version()}, torch {torch.__version__}, "
+        f"{device.type} ({_device_name(device)}), torch threads {torch.get_num_threads()}",
+        f"- {DTYPE} parameters; per model {args.warmup} warm-up + {args.repeats} timed rounds, "
+        "every candidate once per round in shuffled order; times are medians",
+        f"- bandwidth ({STREAM_BYTES // 2**20} MiB `copy_` and in-place `mul_`, bytes read + "
+        f"written / median time, in the same rounds): {streams}",
+        "- `x mlhd torch`: time / time of the multilevel_hd `torch` backend of the same "
+        "configuration (torch.optim rows: of the multilevel_hd one on the same base optimizer); "
+        "`x Adam fused`: time / time of torch.optim.Adam(fused=True); both medians of per-round "
+        "ratios",
+        "- `min B/elem`, `min MB`: the fewest bytes a step must move (bench/traffic.py); "
+        "`GB/s` = min bytes / median time; `% of in-place`: of the in-place bandwidth (`copy_` "
+        "pays an uncounted write-allocate read, so optimizers can beat it)",
+        "- hyper-parameters (paper, ResNets): Adam lr 1e-3; SGD lr 0.1, Nesterov momentum 0.9; "
+        "multilevel_hd defaults otherwise; [global+layer+param] starts at weights 0.4/0.3/0.3",
+        "",
+    ]
+    table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 3 + "---:|" * (len(COLUMNS) - 3)]
+    table += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(header + table) + "\n"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=DEFAULT_MODELS,
+                        help=f"comma-separated, from: {', '.join(MODELS)} (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed rounds per model (default: %s)" % REPEATS)
+    parser.add_argument("--out", type=Path, help="also write the report to this file")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    args.models = args.models.split(",")
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    args.repeats = args.repeats or REPEATS[args.device]
+    args.warmup = WARMUP[args.device]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = torch.device(args.device)
+    rows, bandwidth = [], {}
+    for model in args.models:
+        model_rows, bandwidth[model] = bench_model(model, device, args.repeats, args.warmup)
+        rows += model_rows
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next model's candidates need the memory
+    text = render(args, rows, bandwidth)
+    print(text, end="")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

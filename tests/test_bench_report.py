@@ -1,0 +1,19 @@
+"""`python -m bench.report` end to end on the `tiny` set: one well-formed table."""
+import torch
+
+from bench import report
+from bench.candidates import ALL_CANDIDATES
+from bench.shapes import MODELS
+
+
+def test_report_writes_one_table(tmp_path, capsys):
+    out = tmp_path / "cpu.md"
+    report.main(["--models", "tiny", "--repeats", "2", "--out", str(out)])
+    text = out.read_text()
+    assert capsys.readouterr().out == text
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    runnable = [c for c in ALL_CANDIDATES
+                if c.unavailable_reason(MODELS["tiny"], torch.device("cpu")) is None]
+    assert len(table) == 2 + len(runnable)
+    assert all(line.count("|") == len(report.COLUMNS) + 1 for line in table)
+    assert "| tiny | Adam | fused |" in text
