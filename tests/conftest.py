@@ -23,6 +23,7 @@ Markers
 from __future__ import annotations
 
 import os
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("MLHD_TEST_DEVICE", "cpu").startswith("cuda") else "1")  # before triton kernels are defined
 
 import pytest
 import torch

@@ -1,0 +1,116 @@
+"""What the reduction and the step kernels share: the launch-table layout and the
+per-element math both passes must compute identically (the effective gradient, the Adam
+direction, the bias corrections, the parameter-dtype rounding).
+
+Launch tables (built by `multilevel_hd.backends.triton_tables`):
+  pointers  int64 [NUM_ROLES, n_tensors]: row `role` holds each tensor's address for that
+            role (one row per role so the gradient row can be re-uploaded on its own).
+  meta      int64 [n_tensors, META_COLS]: sizes and offsets, one row per tensor.
+Every tensor is addressed as a flat array in memory order. For any dense layout, unit j
+(the slice p[j]) is the elements whose offset o has (o // unit_stride) % units == j, with
+unit_stride = p.stride(0): where dim 0 is outermost (contiguous, channels_last) that is
+the block [j * row_len, (j + 1) * row_len); otherwise ("strided", e.g. a transposed weight)
+it is `row_len / unit_stride` runs of unit_stride elements, units * unit_stride apart.
+"""
+import triton
+import triton.language as tl
+
+ROLE_PARAM = tl.constexpr(0)
+ROLE_GRAD = tl.constexpr(1)
+# SGD keeps what gives u_prev in STATE1 (prev_direction, or momentum_buffer without
+# Nesterov), so the reduction reads one role for every SGD flavour.
+ROLE_STATE1 = tl.constexpr(2)  # Adam: exp_avg; SGD: prev_direction | momentum_buffer
+ROLE_STATE2 = tl.constexpr(3)  # Adam: exp_avg_sq; SGD Nesterov: momentum_buffer
+ROLE_RATE = tl.constexpr(4)  # param_rate (the param level)
+ROLE_STEP = tl.constexpr(5)  # the parameter's own step count, float32 0-d
+NUM_ROLES = 6
+
+META_NUMEL = tl.constexpr(0)
+META_ROW_LEN = tl.constexpr(1)  # elements per unit
+META_UNIT_OFFSET = tl.constexpr(2)  # the tensor's first unit in the group's unit array
+META_PIECES = tl.constexpr(3)  # reduction pieces per unit (1 unless the row is long)
+META_PIECE_LEN = tl.constexpr(4)  # elements per piece (the last piece of a unit may be shorter)
+META_SLOT = tl.constexpr(5)  # where the tensor's piece sums go in the sums rows
+META_UNIT_STRIDE = tl.constexpr(6)  # p.stride(0): row_len unless the layout is strided
+META_COLS = tl.constexpr(7)
+
+# Base optimizer (the `KIND` switch of both kernels).
+SGD = tl.constexpr(0)
+ADAM = tl.constexpr(1)
+
+
+@triton.jit
+def tensor_meta(table, tensor):
+    """The tensor's metadata row:
+    (numel, row_len, unit_offset, pieces, piece_len, slot, unit_stride)."""
+    row = table + tensor * META_COLS
+    return (
+        tl.load(row + META_NUMEL), tl.load(row + META_ROW_LEN), tl.load(row + META_UNIT_OFFSET),
+        tl.load(row + META_PIECES), tl.load(row + META_PIECE_LEN), tl.load(row + META_SLOT),
+        tl.load(row + META_UNIT_STRIDE),
+    )
+
+
+@triton.jit
+def tensor_pointers(pointers, tensor, n_tensors, P_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The tensor's (param, grad, state1, state2, rate) addresses, typed for loads and
+    stores; ALIGNED: all are 16-byte aligned, which the compiler needs to vectorise."""
+    column = pointers + tensor
+    param = tl.load(column + ROLE_PARAM * n_tensors).to(tl.pointer_type(P_DTYPE))
+    grad = tl.load(column + ROLE_GRAD * n_tensors).to(tl.pointer_type(P_DTYPE))
+    state1 = tl.load(column + ROLE_STATE1 * n_tensors).to(tl.pointer_type(tl.float32))
+    state2 = tl.load(column + ROLE_STATE2 * n_tensors).to(tl.pointer_type(tl.float32))
+    rate = tl.load(column + ROLE_RATE * n_tensors).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        param, grad = tl.multiple_of(param, 16), tl.multiple_of(grad, 16)
+        state1, state2 = tl.multiple_of(state1, 16), tl.multiple_of(state2, 16)
+        rate = tl.multiple_of(rate, 16)
+    return param, grad, state1, state2, rate
+
+
+@triton.jit
+def effective_grad(
+    g, p, weight_decay, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr, SKIP_NONFINITE: tl.constexpr
+):
+    """SPEC step 1, then the non-finite guard's view of it: (g, finite).
+
+    With the guard on, NaN/Inf are zeroed: that keeps every sum and every gated update
+    finite when the step is skipped, and when nothing is zeroed the step proceeds with g
+    unchanged. Without the guard they propagate, as in torch.optim."""
+    if MAXIMIZE:
+        g = -g
+    if COUPLED_WD:
+        g = g + weight_decay * p
+    finite = tl.abs(g) < float("inf")  # False for NaN as well
+    if SKIP_NONFINITE:
+        g = tl.where(finite, g, 0.0)
+    return g, finite
+
+
+@triton.jit
+def bias_correction(step, log_beta):
+    """1 - beta**step, from log(beta) and a float32 step count.
+
+    Computed in float64 (a scalar per program): at step 1, 1 - beta is small and a float32
+    power would lose most of its digits."""
+    return (1.0 - tl.exp(tl.cast(step, tl.float64) * tl.cast(log_beta, tl.float64))).to(tl.float32)
+
+
+@triton.jit
+def adam_direction(m, v, bc1, bc2, eps):
+    """SPEC section 3: (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)."""
+    return (m / bc1) / (tl.sqrt(v / bc2) + eps)
+
+
+@triton.jit
+def to_dtype(x, DTYPE: tl.constexpr):
+    """float32 -> DTYPE with round-to-nearest-even, as torch rounds.
+
+    bfloat16 is rounded by hand: the interpreter's float32 -> bfloat16 cast truncates,
+    and a truncating cast biases every half-precision step toward zero."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
