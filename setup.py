@@ -22,5 +22,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        # python -m bench.train (the digits comparison); Prodigy and schedule-free AdamW
+        # join it when installed.
+        "examples": ["scikit-learn", "tqdm", "matplotlib", "prodigyopt", "schedulefree"],
     },
 )

@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 pip install -q torch==2.13.0
-pip install -q -e ".[test]"
+pip install -q -e ".[test,examples]"
