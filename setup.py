@@ -2,9 +2,34 @@
 multilevel_hd.kernels, so nothing named plain `kernels` lands in site-packages.
 
 This file must not import torch: pip builds in an isolated environment, where importing
-torch would make pip fetch a multi-GB wheel.
+torch would make pip fetch a multi-GB wheel. The one exception is the ahead-of-time build
+of the compiled backend, `MLHD_BUILD_EXT=1 pip install -e . --no-build-isolation`, which
+builds multilevel_hd._C against the torch already installed (without it, the extension is
+compiled on first use).
 """
+import importlib.util
+import os
+
 from setuptools import setup
+
+
+def compiled_extension() -> dict:
+    """setup() arguments for multilevel_hd._C; its CUDA kernels only for a torch with CUDA."""
+    if os.environ.get("MLHD_BUILD_EXT") != "1":
+        return {}
+    from torch.utils import cpp_extension
+
+    # the source list and flags the JIT build uses, read without importing the package
+    spec = importlib.util.spec_from_file_location("_csrc", os.path.join("multilevel_hd", "backends", "_csrc.py"))
+    csrc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(csrc)
+    with_cuda = cpp_extension.CUDA_HOME is not None
+    extension = (cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension)(
+        "multilevel_hd._C", csrc.sources(with_cuda, root="csrc"),
+        extra_compile_args={"cxx": csrc.CXX_FLAGS, "nvcc": csrc.NVCC_FLAGS}, extra_link_args=csrc.LD_FLAGS,
+    )
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
+
 
 setup(
     name="multilevel_hd",
@@ -26,4 +51,5 @@ setup(
         # join it when installed.
         "examples": ["scikit-learn", "tqdm", "matplotlib", "prodigyopt", "schedulefree"],
     },
+    **compiled_extension(),
 )

@@ -10,13 +10,12 @@ _MODULES = {
     "reference": "multilevel_hd.reference",
     "torch": "multilevel_hd.backends.torch_backend",
     "triton": "multilevel_hd.backends.triton_backend",
+    "cuda": "multilevel_hd.backends.cuda_backend",
+    "cpp": "multilevel_hd.backends.cpp_backend",
 }
 # Backends not built in this version; asking for them says so instead of a KeyError.
 # (A backend moves from here to _MODULES when its module lands.)
-_PLANNED = (
-    "cuda",
-    "cpp",
-)
+_PLANNED = ()
 # "auto" tries these in order for a device type; the pure-PyTorch backend runs anywhere.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 

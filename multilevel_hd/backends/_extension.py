@@ -1,0 +1,95 @@
+"""Loads the compiled ops (torch.ops.multilevel_hd.reduce / apply), once per process.
+
+An installed build (`MLHD_BUILD_EXT=1 pip install -e . --no-build-isolation` makes
+multilevel_hd._C) is used when present; otherwise the sources in csrc/ are compiled with
+torch.utils.cpp_extension (ninja) into a fixed cache directory, so only the first process
+pays for the compilation. Where neither works, `load_error()` says why and the backends that
+need the ops report themselves unavailable ("auto" then picks the torch backend).
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import importlib
+import importlib.util
+import os
+import shutil
+import sys
+import warnings
+
+import torch
+
+from . import _csrc
+
+NAME = "multilevel_hd_C"
+BUILD_HINT = "or build it ahead of time: MLHD_BUILD_EXT=1 pip install -e . --no-build-isolation"
+
+
+@functools.cache
+def load_error() -> str | None:
+    """None once the ops are registered; else the reason, also warned about once."""
+    try:
+        _load()
+    except Exception as err:  # a missing compiler or a failed build must not break import
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = f"the C++ extension could not be loaded: {first_line}"
+        warnings.warn(f"multilevel_hd: {reason}; backend 'auto' falls back to 'torch'", RuntimeWarning, stacklevel=2)
+        return reason
+    _register_fakes()
+    return None
+
+
+def has_cuda_kernels() -> bool:
+    return load_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key("multilevel_hd::reduce", "CUDA")
+
+
+def _load() -> None:
+    if importlib.util.find_spec("multilevel_hd._C") is not None:
+        importlib.import_module("multilevel_hd._C")
+        return
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler!r} is not on PATH; install g++ or set CXX), {BUILD_HINT}")
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError(f"ninja is missing (pip install ninja), {BUILD_HINT}")
+    if not os.path.isdir(_csrc.CSRC):
+        raise RuntimeError(f"the C++ sources are not installed ({_csrc.CSRC} is missing); {BUILD_HINT}")
+    with_cuda = cpp_extension.CUDA_HOME is not None
+    build_dir = _build_dir(with_cuda)
+    os.makedirs(build_dir, exist_ok=True)
+    if _stale(os.path.join(build_dir, NAME + ".so")):
+        print(f"multilevel_hd: compiling the C++ extension into {build_dir} (first use only, 1-2 minutes)",
+              file=sys.stderr, flush=True)
+    cpp_extension.load(
+        name=NAME, sources=_csrc.sources(with_cuda), extra_cflags=_csrc.CXX_FLAGS,
+        extra_cuda_cflags=_csrc.NVCC_FLAGS, extra_ldflags=_csrc.LD_FLAGS, build_directory=build_dir, with_cuda=with_cuda,
+        is_python_module=False,
+    )
+
+
+def _build_dir(with_cuda: bool) -> str:
+    """One directory per torch version, Python version and flavour, kept across processes."""
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "multilevel_hd")
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{'cuda' if with_cuda else 'cpu'}"
+    return os.path.join(base, tag.replace("+", "_"))
+
+
+def _stale(library: str) -> bool:
+    if not os.path.exists(library):
+        return True
+    built = os.path.getmtime(library)
+    return any(os.path.getmtime(f) > built for f in glob.glob(os.path.join(_csrc.CSRC, "**", "*"), recursive=True))
+
+
+def _register_fakes() -> None:
+    """Both ops only mutate their arguments, so their fake (meta) versions do nothing; this is
+    what lets torch.compile trace through a step."""
+    for op in ("reduce", "apply"):
+        torch.library.register_fake(f"multilevel_hd::{op}")(_no_output)
+
+
+def _no_output(*args, **kwargs) -> None:
+    return None

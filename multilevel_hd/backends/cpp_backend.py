@@ -1,0 +1,153 @@
+"""The compiled backend: "cpp" for CPU tensors, "cuda" (cuda_backend.py) for CUDA tensors.
+
+A step is the three stages of every fast backend, two of them compiled ops (csrc/):
+`torch.ops.multilevel_hd.reduce` (one pass over the elements: per-unit sums of g*u_prev,
+the param-level totals and the non-finite flag), the shared level stage
+(`multilevel_hd.levels.update_levels`), and `torch.ops.multilevel_hd.apply` (one pass:
+param-level rates, base direction and state, the parameter update). Nothing is read back
+to the host; the apply op itself skips a step whose gate is 0.
+
+The ops walk a launch table built once per plan (`_launch_table`): rows cut into
+segments, segments grouped into chunks of about `chunk` elements. The per-device sizes
+trade parallelism against table size; they do not change any result on a given device.
+Parameters of one group that differ in dtype run as separate buckets (one op call each).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..levels import UnitSums, update_levels
+from ..state import GroupJob, compute_dtype
+from . import _extension
+
+name = "cpp"
+
+# (elements per chunk, elements per segment, segments per chunk), each at most: a CPU thread
+# takes whole chunks and sums each segment in vector lanes; a CUDA block takes a chunk and
+# its 8 warps one segment at a time, so tensors of short rows get more, smaller blocks.
+# (Rows of one element are not cut into segments: both devices walk them as plain arrays.)
+_CHUNKING = {"cpu": (16384, 16384, 16384), "cuda": (16384, 2048, 64)}
+_PTR_FIELDS = 6  # pointers per tensor in the ops' pointer table (kPtrFields, csrc/common.h)
+
+
+def unavailable_reason(device):
+    device = torch.device(device)
+    if device.type != "cpu":
+        return f"backend 'cpp' runs on CPU tensors, not {device.type} ones" + (
+            "; use 'cuda'" if device.type == "cuda" else "")
+    return _extension.load_error()
+
+
+@dataclass
+class _Bucket:
+    """The parameters of one dtype in a step, and their launch tables."""
+
+    index: list | None  # positions in the job's lists; None: all of them
+    math: torch.dtype
+    meta: torch.Tensor  # int64 launch table on the device (csrc/common.h)
+    num_slots: int
+    ptr_mirror: torch.Tensor  # host copy of the pointer table, for the ops to compare against
+    ptr_table: torch.Tensor
+
+
+def _launch_table(layouts, device) -> tuple[torch.Tensor, int]:
+    """The ops' int64 table of tensors and chunks (layout: csrc/common.h), and its slot count."""
+    chunk, seg, max_segs = _CHUNKING[device.type]
+    tensors, chunks, slots = [], [], 0
+    for i, lay in enumerate(layouts):
+        per_row = -(-lay.row_len // seg)
+        seg_len = -(-lay.row_len // per_row)
+        num_segs = lay.units * per_row
+        per_chunk = chunk if lay.row_len == 1 else max(1, min(chunk // seg_len, max_segs))
+        tensors += [lay.units, lay.row_len, per_row, seg_len, lay.unit_offset, slots]
+        for s in range(0, num_segs, per_chunk):
+            chunks += [i, s, min(s + per_chunk, num_segs)]
+        slots += num_segs
+    meta = torch.tensor(tensors + chunks, dtype=torch.int64)
+    # built once per plan, and even then the host does not wait for the upload
+    return (meta if device.type == "cpu" else meta.pin_memory().to(device, non_blocking=True)), slots
+
+
+def _buckets(job: GroupJob, device) -> list[_Bucket]:
+    dtypes = tuple(p.dtype for p in job.params)
+
+    def make():
+        layouts, out = job.plan.active_layouts, []
+        for dtype in dict.fromkeys(dtypes):
+            index = [i for i, d in enumerate(dtypes) if d == dtype]
+            meta, num_slots = _launch_table([layouts[i] for i in index], device)
+            ptrs = len(index) * _PTR_FIELDS
+            out.append(_Bucket(None if len(index) == len(dtypes) else index, compute_dtype(dtype), meta,
+                               num_slots, torch.zeros(ptrs, dtype=torch.int64),
+                               torch.zeros(ptrs, dtype=torch.int64, device=device)))
+        return out
+
+    return job.plan._cached(("fused", device, dtypes), make)
+
+
+def _pick(items: list, index):
+    return items if index is None else [items[i] for i in index]
+
+
+def _as(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def step(job: GroupJob) -> None:
+    opts, plan, gs = job.opts, job.plan, job.group_state
+    acc, device = gs["weights"].dtype, gs["weights"].device
+    ops = torch.ops.multilevel_hd
+    multiplicative = opts.rule == "multiplicative"
+    hypergrad_sums = opts.multi_level or "param" not in opts.levels  # else nothing needs S
+    param_level = "param" in opts.levels
+    states = job.states
+    if opts.kind == "adam":
+        direction = "adam"
+        state_a, state_b = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+    else:
+        direction = "sgd" if opts.momentum == 0 else "nesterov" if opts.nesterov else "momentum"
+        state_a = [st["momentum_buffer"] for st in states] if opts.momentum != 0 else []
+        state_b = [st["prev_direction"] for st in states] if opts.stores_direction else []
+    rates = [st["param_rate"] for st in states] if param_level else []
+    steps = [st["step"] for st in states]
+    grad_sign = -1.0 if opts.maximize else 1.0
+    coupled = 0.0 if opts.decoupled_weight_decay else opts.weight_decay
+    decoupled = opts.weight_decay if opts.decoupled_weight_decay else 0.0
+
+    buckets = _buckets(job, device)
+    lists = [[_pick(x, b.index) for x in (job.params, job.grads, state_a, state_b, rates, steps)] for b in buckets]
+
+    unit_sums = torch.zeros(3 if multiplicative else 1, plan.layout.num_units, dtype=acc, device=device)
+    totals = torch.zeros(3, dtype=acc, device=device)
+    if hypergrad_sums or opts.skip_nonfinite:
+        for b, args in zip(buckets, lists):
+            # a float32 bucket of a float64 group sums in float32 into its own buffers
+            own = b.math != acc
+            b_sums = torch.zeros_like(unit_sums, dtype=b.math) if own else unit_sums
+            b_totals = torch.zeros_like(totals, dtype=b.math) if own else totals
+            ops.reduce(*args, b.meta, b.ptr_mirror, b.ptr_table, b.num_slots, direction, hypergrad_sums,
+                       param_level and opts.multi_level, grad_sign, coupled, opts.beta1, opts.beta2, opts.eps,
+                       b_sums, b_totals)
+            if own:
+                unit_sums += b_sums
+                totals += b_totals
+    sums = UnitSums(s=unit_sums[0])
+    if multiplicative:
+        sums.qg, sums.qu = unit_sums[1], unit_sums[2]
+    if param_level and opts.multi_level:
+        sums.param_dot, sums.param_sq = totals[0], totals[1]
+    if opts.skip_nonfinite:
+        sums.finite = totals[2] == 0
+
+    c = update_levels(opts, plan, gs, sums)
+
+    lo, hi = opts.rate_bounds if opts.rate_bounds is not None else (None, None)
+    for b, args in zip(buckets, lists):
+        ops.apply(*args, b.meta, b.ptr_mirror, b.ptr_table, direction, grad_sign, coupled, decoupled,
+                  opts.beta1, opts.beta2, opts.eps, opts.momentum, opts.dampening, _as(c.gate, b.math),
+                  _as(c.hd_gate, b.math), _as(c.kappa_units, b.math), _as(c.param_kappa, b.math),
+                  _as(c.param_hd, b.math), _as(c.param_parent, b.math), multiplicative,
+                  opts.shrinkage.get("param", 0.0), -math.inf if lo is None else lo, math.inf if hi is None else hi)

@@ -1,0 +1,255 @@
+"""The compiled backend beyond the shared suite: what only the C++/CUDA code can get wrong.
+
+* launch tables on tensors larger than a chunk (rows cut into several segments, many chunks
+  per tensor), against the reference;
+* bit-identical results for any number of threads (fixed chunks, partials added in order);
+* layouts the kernels cannot walk directly (staged copies), float16, mixed dtypes;
+* the ops: schemas, torch.library.opcheck (fake impls, mutation annotations), torch.compile;
+* the CUDA sources compile (nvcc, and the binding against this torch's headers);
+* without a compiler, "cpp" fails with a reason and "auto" falls back to "torch".
+"""
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import multilevel_hd as mlhd
+from multilevel_hd.backends import _csrc, available_backends, cpp_backend
+from multilevel_hd.hierarchy import GroupLayout, StepPlan
+
+from cases import OPTION_CASES
+from trajectory import (TOL_F32, TOL_F64, GradFn, Tol, assert_bitwise_equal_snapshots,
+                        assert_trajectories_close, make_params, opt_class, run_case, run_optimizer)
+
+HAS_CPP = "cpp" in available_backends("cpu")
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="the cpp backend is unavailable here")
+CASES = {c.name: c for c in OPTION_CASES}
+
+# Rows longer than the CPU chunk (split into segments), tensors of many chunks, a
+# channels_last conv, a 0-d and a single-row tensor.
+BIG_SHAPES = (((3, 40000), False), ((70001,), False), ((64, 3, 7, 7), True), ((), False),
+              ((1, 20000), False))
+BIG_CASES = ["adam-default", "adam-multiplicative", "sgd-shrink-all", "sgd-multiplicative",
+             "sgd-nesterov", "sgd-momentum-dampening", "adamw-hd-decay-shrink"]
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", BIG_CASES)
+def test_large_tensors_match_reference(name):
+    fast = run_case(CASES[name], "cpp", torch.float64, steps=4, shapes=BIG_SHAPES)
+    ref = run_case(CASES[name], "reference", torch.float64, steps=4, shapes=BIG_SHAPES)
+    assert_trajectories_close(fast, ref, TOL_F64, label=f"{name} cpp vs reference")
+
+
+@needs_cpp
+def test_ops_bit_identical_for_any_thread_count():
+    """The ops' sums and updates do not depend on how chunks are spread over threads."""
+    shapes = [shape for shape, _ in BIG_SHAPES]
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            reduce_args, apply_args = _op_args(shapes, param_level=True)
+            torch.ops.multilevel_hd.reduce(*reduce_args)
+            torch.ops.multilevel_hd.apply(*apply_args)
+            outputs.append([*reduce_args[-2:], *[t for ts in apply_args[:6] for t in ts]])
+    finally:
+        torch.set_num_threads(threads)
+    for n, out in zip((2, 3), outputs[1:]):
+        for a, b in zip(out, outputs[0]):
+            assert torch.equal(a, b), f"{n} threads differ from 1"
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", ["adam-multiplicative", "sgd-shrink-all"])
+def test_steps_bit_identical_for_any_thread_count(name):
+    """Whole steps, on shapes with fewer units than torch parallelises a sum over: the level
+    stage's torch reductions over the unit array depend on the thread count beyond that."""
+    shapes = (((3, 40000), False), ((2, 35001), False), ((64, 3, 7, 7), True), ((), False))
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(run_case(CASES[name], "cpp", torch.float32, steps=4, shapes=shapes))
+    finally:
+        torch.set_num_threads(threads)
+    for n, run in zip((2, 3), runs[1:]):
+        assert_bitwise_equal_snapshots(run, runs[0], label=f"{name}: {n} threads vs 1")
+
+
+def _odd_layout_params():
+    """A transposed and a strided parameter, a channels_last one, and a plain one."""
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    return [torch.nn.Parameter(dense.t()),  # dense, but dim 0 innermost
+            torch.nn.Parameter(torch.randn(6, 8, generator=gen, dtype=torch.float64)[:, ::2]),
+            torch.nn.Parameter(torch.randn(4, 3, 2, 2, generator=gen, dtype=torch.float64)
+                               .contiguous(memory_format=torch.channels_last)),
+            torch.nn.Parameter(torch.randn(9, 2, generator=gen, dtype=torch.float64))]
+
+
+@needs_cpp
+def test_layouts_the_kernels_cannot_walk():
+    """Parameters whose rows are not contiguous and gradients in another layout than their
+    parameter go through copies; results match the reference."""
+    runs = {}
+    for backend in ("cpp", "reference"):
+        params = _odd_layout_params()
+        opt = mlhd.MultiLevelAdam(params, lr=0.01, hypergrad_lr=3e-6, levels=("global", "layer", "unit", "param"),
+                                  init_weights=(1, 2, 3, 4), backend=backend)
+        history = []
+        for step in range(4):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                g = torch.randn(p.shape, generator=gen, dtype=p.dtype) + p.detach()
+                p.grad = g.t().contiguous().t() if g.dim() == 2 else g.contiguous()  # other strides
+            opt.step()
+            history.append([p.detach().clone() for p in params] + [r.clone() for r in opt.rates()[0]["unit"]])
+        runs[backend] = history
+    for fast, ref in zip(runs["cpp"], runs["reference"]):
+        for a, b in zip(fast, ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", ["adam-default", "sgd-nesterov"])
+def test_float16_matches_reference(name):
+    fast = run_case(CASES[name], "cpp", torch.float16)
+    ref = run_case(CASES[name], "reference", torch.float16)
+    assert_trajectories_close(fast, ref, Tol(rtol=1e-2, atol_param=1e-2, atol_rate=5e-5, atol_weight=1e-3),
+                              label=f"{name} cpp vs reference, float16")
+
+
+@needs_cpp
+def test_mixed_dtype_group_matches_reference():
+    """float32 and float64 parameters in one group: two buckets, float64 level sums."""
+    shapes = (((5, 6), False), ((7,), False), ((4, 3, 2, 2), False))
+    runs = {}
+    for backend in ("cpp", "reference"):
+        ps = make_params(torch.float64, "cpu", 0, shapes)
+        ps[1] = ps[1].detach().float().requires_grad_()
+        opt = opt_class("Adam")(ps, backend=backend, **CASES["adam-multiplicative"].kwargs)
+        runs[backend] = run_optimizer(opt, GradFn(shapes), 6)
+    assert_trajectories_close(runs["cpp"], runs["reference"], TOL_F32, label="mixed dtypes")
+
+
+# ------------------------------------------------------------------------------------------
+# the ops
+def _op_args(shapes=((3, 5), (4,)), param_level=False):
+    """Arguments of reduce and apply for an Adam step (float32) on tensors of `shapes`."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    m = [0.1 * torch.randn(s, generator=gen) for s in shapes]
+    v = [torch.rand(s, generator=gen) for s in shapes]
+    rates = [1e-3 * torch.rand(s, generator=gen) for s in shapes] if param_level else []
+    steps = [torch.tensor(3.0) for _ in shapes]
+    plan = StepPlan(GroupLayout.of(params), tuple(range(len(params))))
+    meta, num_slots = cpp_backend._launch_table(plan.active_layouts, torch.device("cpu"))
+    units, ptrs = plan.layout.num_units, 6 * len(params)
+    tables = (meta, torch.zeros(ptrs, dtype=torch.int64), torch.zeros(ptrs, dtype=torch.int64))
+    lists = (params, grads, m, v, rates, steps)
+    reduce = (*lists, *tables, num_slots, "adam", True, param_level, 1.0, 0.0, 0.9, 0.999, 1e-8,
+              torch.zeros(3, units), torch.zeros(3))
+    coef = (torch.tensor(2e-3), torch.tensor(0.05), torch.rand(units, generator=gen)) if param_level else (None,) * 3
+    apply = (*lists, *tables, "adam", 1.0, 0.0, 0.0, 0.9, 0.999, 1e-8, 0.0, 0.0, torch.tensor(1.0),
+             torch.tensor(1.0), torch.full((units,), 1e-3), *coef, True, 0.3, 0.0, math.inf)
+    return reduce, apply
+
+
+@needs_cpp
+def test_op_schemas_are_registered():
+    reduce = torch.ops.multilevel_hd.reduce.default._schema
+    apply = torch.ops.multilevel_hd.apply.default._schema
+    assert str(reduce).startswith("multilevel_hd::reduce(Tensor[] params, Tensor[] grads")
+    assert "Tensor(c!) unit_sums, Tensor(d!) totals) -> ()" in str(reduce)
+    assert str(apply).startswith("multilevel_hd::apply(Tensor(a!)[] params, Tensor[] grads")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("multilevel_hd::apply", "CPU")
+
+
+@needs_cpp
+@pytest.mark.parametrize("op", ["reduce", "apply"])
+def test_opcheck(op):
+    """Schema annotations match what the op mutates; the fake impl traces (torch.compile)."""
+    args = dict(zip(("reduce", "apply"), _op_args()))[op]
+    torch.library.opcheck(getattr(torch.ops.multilevel_hd, op).default, args)
+
+
+@needs_cpp
+def test_ops_under_torch_compile():
+    eager, compiled = _op_args(), _op_args()
+
+    def run(reduce_args, apply_args):
+        torch.ops.multilevel_hd.reduce(*reduce_args)
+        torch.ops.multilevel_hd.apply(*apply_args)
+
+    run(*eager)
+    torch.compile(run, backend="aot_eager", fullgraph=True)(*compiled)
+    for a, b in zip(eager[1][:6], compiled[1][:6]):  # params and state after the step
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    assert torch.equal(eager[0][-2], compiled[0][-2])  # unit sums
+    assert torch.equal(eager[0][-1], compiled[0][-1])  # totals
+
+
+# ------------------------------------------------------------------------------------------
+# building
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA kernels cannot be compile-checked")
+def test_cuda_kernels_compile(tmp_path):
+    """The torch-free kernels, as a CUDA build of the extension compiles them (sm_90)."""
+    source = os.path.join(_csrc.CSRC, "cuda", "step.cu")
+    cmd = ["nvcc", "-c", "-arch=sm_90", "-std=c++17", *_csrc.NVCC_FLAGS, *TORCH_NVCC_DEFINES, source,
+           "-o", str(tmp_path / "step.o")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
+def test_cuda_binding_compiles_against_torch_headers():
+    """binding.cpp needs no CUDA headers, so this torch (CPU-only or not) can check it."""
+    from torch.utils.cpp_extension import include_paths
+
+    cmd = [os.environ.get("CXX", "c++"), "-fsyntax-only", "-std=c++20", *_csrc.CXX_FLAGS,
+           *[f"-I{p}" for p in include_paths()], os.path.join(_csrc.CSRC, "cuda", "binding.cpp")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+NO_COMPILER = """
+import warnings, torch, multilevel_hd as mlhd
+p = torch.nn.Parameter(torch.ones(3))
+p.grad = torch.ones(3)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    opt = mlhd.MultiLevelAdam([p])  # backend="auto"
+    opt.step(); opt.step()
+fallbacks = [str(w.message) for w in caught if "falls back to 'torch'" in str(w.message)]
+assert len(fallbacks) == 1, fallbacks
+assert "C++ compiler" in fallbacks[0], fallbacks[0]
+try:
+    mlhd.MultiLevelAdam([p], backend="cpp").step()
+except RuntimeError as err:
+    assert "C++ compiler" in str(err), err
+    print("ok")
+"""
+
+
+def test_without_a_compiler_cpp_raises_and_auto_falls_back(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("multilevel_hd._C") is not None:
+        pytest.skip("multilevel_hd._C is installed, so no compiler is needed")
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", NO_COMPILER], capture_output=True, text=True, env=env,
+                            cwd=_csrc.ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
