@@ -59,8 +59,8 @@ class StepPlan:
 
     Built once per (group, set of parameters with gradients) and cached by the optimizer:
     `active` lists the indices (in group order) of the parameters that take part in this
-    step; N is the number of their elements. Device tensors derived from the plan
-    (masks, per-unit sizes) are cached per device and dtype in `_device_cache`.
+    step; N is the number of their elements. Device tensors derived from the plan (masks,
+    per-unit sizes, a backend's launch tables) are made once per plan through `cached`.
     """
 
     layout: GroupLayout
@@ -85,7 +85,8 @@ class StepPlan:
             return [t.row_len for t in self.layout.tensors for _ in range(t.units)]
         raise ValueError(f"level {level!r} has one entry per element, not a size table")
 
-    def _cached(self, key, make):
+    def cached(self, key, make):
+        """The value for `key` (device tables, masks, launch tables of a backend), made once per plan."""
         if key not in self._device_cache:
             self._device_cache[key] = make()
         return self._device_cache[key]
@@ -99,7 +100,7 @@ class StepPlan:
                 mask[t.unit_offset : t.unit_offset + t.units] = 1
             return mask.to(device)
 
-        return self._cached(("unit_mask", device, dtype), make)
+        return self.cached(("unit_mask", device, dtype), make)
 
     def layer_mask(self, device, dtype) -> torch.Tensor:
         def make():
@@ -107,7 +108,7 @@ class StepPlan:
             mask[list(self.active)] = 1
             return mask.to(device)
 
-        return self._cached(("layer_mask", device, dtype), make)
+        return self.cached(("layer_mask", device, dtype), make)
 
     def size_scale(self, level: str, device, dtype) -> torch.Tensor:
         """N / N_k[j] for `hypergrad_scaling="size"` (0 where N_k[j] is 0: nothing to update)."""
@@ -117,18 +118,18 @@ class StepPlan:
             scale = torch.where(sizes > 0, self.num_elements / sizes.clamp(min=1), 0.0)
             return scale.to(device=device, dtype=dtype)
 
-        return self._cached(("size_scale", level, device, dtype), make)
+        return self.cached(("size_scale", level, device, dtype), make)
 
     def units_per_layer(self, device) -> torch.Tensor:
         """Lengths for segment sums of the flat unit array into layers."""
-        return self._cached(
+        return self.cached(
             ("units_per_layer", device),
             lambda: torch.tensor([t.units for t in self.layout.tensors], device=device),
         )
 
     def layer_of_unit(self, device) -> torch.Tensor:
         """For each unit of the flat unit array, the index of its tensor (layer)."""
-        return self._cached(
+        return self.cached(
             ("layer_of_unit", device),
             lambda: torch.repeat_interleave(
                 torch.arange(self.layout.num_layers), torch.tensor([t.units for t in self.layout.tensors])

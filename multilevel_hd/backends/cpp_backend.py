@@ -85,7 +85,7 @@ def _buckets(job: GroupJob, device) -> list[_Bucket]:
                                torch.zeros(ptrs, dtype=torch.int64, device=device)))
         return out
 
-    return job.plan._cached(("fused", device, dtypes), make)
+    return job.plan.cached(("fused", device, dtypes), make)
 
 
 def _pick(items: list, index):

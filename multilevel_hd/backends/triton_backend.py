@@ -66,7 +66,7 @@ def step(job: GroupJob) -> None:
     if job.group_state["weights"].dtype == torch.float64:
         reason = "float64 parameters"
     else:  # the plan's tables, pointed at this step's tensors
-        tables = job.plan._cached(("triton", device), lambda: tables_module.GroupTables(job.plan, device))
+        tables = job.plan.cached(("triton", device), lambda: tables_module.GroupTables(job.plan, device))
         reason = tables.bind(job, tables_module.state_keys(job.opts))
     if reason is not None:
         if reason not in _warned:
