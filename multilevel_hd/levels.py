@@ -64,6 +64,16 @@ class StepCoefficients:
     param_parent: Optional[torch.Tensor] = None
 
 
+_SUM_BLOCK = 4096
+
+
+def ordered_sum(x: torch.Tensor) -> torch.Tensor:
+    """x.sum() in an order that does not depend on the thread count: a long reduction is
+    split among threads, so sum fixed blocks (one row each) and then the few block sums."""
+    pad = (-x.numel()) % _SUM_BLOCK
+    return torch.nn.functional.pad(x, (0, pad)).view(-1, _SUM_BLOCK).sum(1).sum()
+
+
 def _per_unit(level: str, values: torch.Tensor, plan: StepPlan) -> torch.Tensor:
     """A coarse level's values indexed by unit (global stays 0-d and broadcasts)."""
     if level == "layer":
@@ -95,7 +105,7 @@ def update_levels(opts: GroupOptions, plan: StepPlan, gs: dict, sums: UnitSums) 
             return per_unit
         if level == "layer":
             return torch.segment_reduce(per_unit, "sum", lengths=layer_lengths)
-        return per_unit.sum()
+        return ordered_sum(per_unit)
 
     old = {lv: gs[GROUP_RATE_KEYS[lv]].clone() for lv in coarse}
     hd = {}
@@ -128,12 +138,12 @@ def update_levels(opts: GroupOptions, plan: StepPlan, gs: dict, sums: UnitSums) 
                 a_dot_s.append(sums.param_dot)
                 r_sq.append(sums.param_sq)
             else:
-                a_dot_s.append((old[level] * level_sum(level, sums.s)).sum())
+                a_dot_s.append(ordered_sum((old[level] * level_sum(level, sums.s)).reshape(-1)))
                 if multiplicative:
-                    r_sq.append((old[level] ** 2 * level_sum(level, sums.qg)).sum())
+                    r_sq.append(ordered_sum((old[level] ** 2 * level_sum(level, sums.qg)).reshape(-1)))
         a_dot_s = torch.stack(a_dot_s).to(acc)
         if multiplicative:
-            denom = (torch.stack(r_sq).to(acc) * sums.qu.sum()).sqrt()
+            denom = (torch.stack(r_sq).to(acc) * ordered_sum(sums.qu)).sqrt()
             new_w = w * torch.where(denom > 0, 1 + opts.combination_lr * a_dot_s / denom, 1.0)
         else:
             new_w = w + opts.combination_lr * tau_prev * a_dot_s

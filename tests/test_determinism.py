@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+import multilevel_hd as mlhd
+
 from cases import LIGHT_CASE_NAMES, OPTION_CASES
 from conftest import DEVICE, FAST_BACKENDS, shapes_for
 from trajectory import assert_bitwise_equal_snapshots, run_case
@@ -18,3 +20,29 @@ def test_identical_runs_are_bit_identical(backend, case, dtype):
     a = run_case(case, backend, dtype, shapes=shapes_for(backend), device=dev)
     b = run_case(case, backend, dtype, shapes=shapes_for(backend), device=dev)
     assert_bitwise_equal_snapshots(a, b, label=f"{case.name} {backend} {dtype}")
+
+
+@pytest.mark.parametrize("backend", [b for b in FAST_BACKENDS if b in ("torch", "cpp")])
+def test_thread_count_does_not_change_a_step(backend):
+    """More units than one thread reduces alone (torch splits sums above 32,768 elements):
+    the level sums, hence rates and weights, must not depend on the thread count."""
+    threads = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(40_000, 3, generator=gen), torch.randn(50_000, generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) for p in init] for _ in range(3)]
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            ps = [p.clone().requires_grad_() for p in init]
+            opt = mlhd.MultiLevelAdam(ps, levels=("global", "layer", "unit"), hypergrad_lr=1e-6,
+                                      combination_lr=1e3, backend=backend)
+            for step_grads in grads:
+                for p, g in zip(ps, step_grads):
+                    p.grad = g
+                opt.step()
+            rates = opt.rates()[0]
+            results.append([rates["weights"], rates["global"], *rates["layer"], *rates["unit"], *ps])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
