@@ -291,16 +291,8 @@ def test_two_groups_equal_two_separate_runs(backend, cls):
     ps2 = _params(torch.float64, backend)
     o0 = opt_class(cls)(ps2[:3], backend=backend, **g0)
     o1 = opt_class(cls)(ps2[3:], backend=backend, **g1)
-    for s in range(10):
-        for i, p in enumerate(ps2):
-            p.grad = gf.grad(s, i, p)
-        o0.step()
-        o1.step()
-        a, b = opt_snapshot(o0), opt_snapshot(o1)
-        sep = dict(params=a["params"] + b["params"], rates=a["rates"] + b["rates"],
-                   eff=a["eff"] + b["eff"], skipped=a["skipped"] + b["skipped"])
-        assert_trajectories_close([both[s]], [sep], TIGHT, label=f"step {s}",
-                                  eff_skip_at=lambda _: {i for (st, i) in none if st == s})
+    _assert_groups_match_separate_runs(both, o0, o1, ps2, gf,
+                                       eff_skip_at=lambda s: {i for (st, i) in none if st == s})
 
 
 @pytest.mark.parametrize("cls", ["SGD", "Adam"])
@@ -675,7 +667,13 @@ def test_backend_set_per_group(backend):
     ps2 = _params(torch.float64, backend)
     o0 = mlhd.MultiLevelSGD(ps2[:3], backend="reference", **g0)
     o1 = mlhd.MultiLevelSGD(ps2[3:], backend=backend, **g1)
-    for s in range(6):
+    _assert_groups_match_separate_runs(both, o0, o1, ps2, gf)
+
+
+def _assert_groups_match_separate_runs(both, o0, o1, ps2, gf, eff_skip_at=None):
+    """A two-group run (`both`, one snapshot per step) equals two one-group optimizers
+    (o0 on ps2[:3], o1 on the rest) stepped on the same gradients."""
+    for s in range(len(both)):
         for i, p in enumerate(ps2):
             p.grad = gf.grad(s, i, p)
         o0.step()
@@ -683,4 +681,5 @@ def test_backend_set_per_group(backend):
         a, b = opt_snapshot(o0), opt_snapshot(o1)
         sep = dict(params=a["params"] + b["params"], rates=a["rates"] + b["rates"],
                    eff=a["eff"] + b["eff"], skipped=a["skipped"] + b["skipped"])
-        assert_trajectories_close([both[s]], [sep], TIGHT, label=f"step {s}")
+        kwargs = {} if eff_skip_at is None else {"eff_skip_at": lambda _: eff_skip_at(s)}
+        assert_trajectories_close([both[s]], [sep], TIGHT, label=f"step {s}", **kwargs)
