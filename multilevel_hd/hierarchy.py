@@ -31,6 +31,16 @@ def tensor_units(p: torch.Tensor) -> int:
     return p.shape[0] if p.dim() > 0 else 1
 
 
+def unit_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The shape under which one value per unit broadcasts against p: (n0, 1, ..., 1)."""
+    return (p.shape[0],) + (1,) * (p.dim() - 1) if p.dim() else ()
+
+
+def unit_view(per_unit: torch.Tensor, t: "TensorLayout", p: torch.Tensor) -> torch.Tensor:
+    """p's slice of a group's per-unit array, shaped to broadcast against p."""
+    return per_unit[t.unit_offset : t.unit_offset + t.units].view(unit_shape(p))
+
+
 @dataclass
 class GroupLayout:
     """Static layout of all parameters of a param group (fixed when the group is added)."""

@@ -12,15 +12,11 @@ import math
 
 import torch
 
-from .hierarchy import TensorLayout, tensor_units
+from .hierarchy import TensorLayout, tensor_units, unit_shape, unit_view
 from .options import GroupOptions
 from .state import GroupJob, compute_dtype, record_applied_rates
 
 name = "reference"
-
-
-def unit_shape(p: torch.Tensor) -> tuple[int, ...]:
-    return (p.shape[0],) + (1,) * (p.dim() - 1) if p.dim() else ()
 
 
 def rate_view(level: str, group_state: dict, t: TensorLayout, p, param_state) -> torch.Tensor:
@@ -30,7 +26,7 @@ def rate_view(level: str, group_state: dict, t: TensorLayout, p, param_state) ->
     if level == "layer":
         return group_state["rate_layer"][t.layer]
     if level == "unit":
-        return group_state["rate_unit"][t.unit_offset : t.unit_offset + t.units].reshape(unit_shape(p))
+        return unit_view(group_state["rate_unit"], t, p)
     return param_state["param_rate"]
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..hierarchy import unit_view
 from ..levels import StepCoefficients, UnitSums, update_levels
 from ..options import GroupOptions
 from ..state import GroupJob, compute_dtype
@@ -70,7 +71,7 @@ def step(job: GroupJob) -> None:
         g = _effective_grad(p, grad, opts)
         if opts.skip_nonfinite:  # so that the gated arithmetic below stays finite
             g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=_scratch("g", g))
-        kappa = _unit_view(coeffs.kappa_units, lay, p).to(g.dtype)
+        kappa = unit_view(coeffs.kappa_units, lay, p).to(g.dtype)
         if "param" in opts.levels:
             rate = _update_param_rate(g, st, lay, p, opts, coeffs)
             kappa = torch.addcmul(kappa, rate, coeffs.param_kappa.to(g.dtype), out=_scratch("h", g))
@@ -107,12 +108,6 @@ class _Scratch:
 
 
 _scratch = _Scratch()
-
-
-def _unit_view(per_unit: torch.Tensor, lay, p) -> torch.Tensor:
-    """A tensor's slice of a per-unit array, shaped to broadcast against the tensor."""
-    shape = (p.shape[0],) + (1,) * (p.dim() - 1) if p.dim() else ()
-    return per_unit[lay.unit_offset : lay.unit_offset + lay.units].view(shape)
 
 
 def _row_sums(x: torch.Tensor, out: torch.Tensor, scale=None) -> None:
@@ -195,7 +190,7 @@ def _update_param_rate(g, st: dict, lay, p, opts: GroupOptions, coeffs: StepCoef
         torch.addcmul(rate, new, coef, out=new)
     if "param" in opts.shrinkage:
         parent = coeffs.param_parent
-        parent = _unit_view(parent, lay, p) if parent.dim() else parent
+        parent = unit_view(parent, lay, p) if parent.dim() else parent
         new.lerp_(parent.to(rate.dtype).expand_as(new), opts.shrinkage["param"])
     if opts.rate_bounds is not None and opts.rate_bounds != (None, None):
         new.clamp_(*opts.rate_bounds)
