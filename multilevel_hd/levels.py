@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed
 
 from .hierarchy import StepPlan
-from .options import GroupOptions
-from .state import GROUP_RATE_KEYS, record_applied_rates
+from .state import GROUP_RATE_KEYS, GroupJob, record_applied_rates
 
 COARSE_LEVELS = ("global", "layer", "unit")
 
@@ -48,11 +48,11 @@ class StepCoefficients:
     """What the elementwise pass needs from the level stage (all device tensors).
 
     gate: 1 if the step proceeds, 0 if it is skipped. hd_gate: 1 if rates move (t >= 2).
-    kappa_units: per unit, gate * (tau_t * sum over coarse levels of w_k alpha_k + (1 - tau_t)
-    * final_lr), the applied rate when there is no param level. param_kappa: gate * tau_t *
-    w_param, so kappa_e = kappa_units[unit(e)] + param_kappa * alpha_param_new[e].
-    param_hd: the param level's HD coefficient: additive beta * N/1 * tau_{t-1} * w_param,
-    multiplicative beta * w_param. param_parent: per unit (or 0-d for a global parent), the
+    kappa_units: per unit, gate * lr_scale * (tau_t * sum over coarse levels of w_k alpha_k
+    + (1 - tau_t) * final_lr), the applied rate when there is no param level. param_kappa:
+    gate * lr_scale * tau_t * w_param, so kappa_e = kappa_units[unit(e)] + param_kappa *
+    alpha_param_new[e]. param_hd: the param level's HD coefficient: additive
+    beta * N/1 * lr_scale_{t-1} * tau_{t-1} * w_param, multiplicative beta * w_param. param_parent: per unit (or 0-d for a global parent), the
     HD-updated unshrunk parent rate that param-level shrinkage pulls toward.
     """
 
@@ -81,23 +81,13 @@ def _per_unit(level: str, values: torch.Tensor, plan: StepPlan) -> torch.Tensor:
     return values
 
 
-def update_levels(opts: GroupOptions, plan: StepPlan, gs: dict, sums: UnitSums) -> StepCoefficients:
+def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
     """SPEC steps 2 (the counters), 3-4 (coarse rates and weights) and the coarse part of 6."""
+    opts, plan, gs = job.opts, job.plan, job.group_state
     device, acc = gs["weights"].device, gs["weights"].dtype
-    if opts.skip_nonfinite:
-        gate = sums.finite.to(acc)
-        gs["skipped"].add_((~sums.finite).to(torch.int64))
-    else:
-        gate = torch.ones((), dtype=acc, device=device)
-    gs["step"].add_(gate)
-    t = gs["step"]
-    hd_gate = gate * (t >= 2)
-    tau_prev, tau_t = torch.exp(-opts.hd_decay * (t - 1)), torch.exp(-opts.hd_decay * t)
-    w = gs["weights"].clone()  # the old weights: every right-hand side uses them
     multiplicative = opts.rule == "multiplicative"
     k_of = {level: k for k, level in enumerate(opts.levels)}
     coarse = [lv for lv in COARSE_LEVELS if lv in opts.levels]
-
     layer_lengths = plan.units_per_layer(device)
 
     def level_sum(level, per_unit):
@@ -108,17 +98,36 @@ def update_levels(opts: GroupOptions, plan: StepPlan, gs: dict, sums: UnitSums) 
         return ordered_sum(per_unit)
 
     old = {lv: gs[GROUP_RATE_KEYS[lv]].clone() for lv in coarse}
+    totals = _group_totals(job, sums, old, level_sum)
+
+    gate = (totals["bad"] == 0).to(acc)
+    gs["skipped"].add_((1 - gate).to(torch.int64))
+    gs["step"].add_(gate)
+    t = gs["step"]
+    hd_gate = gate * (t >= 2)
+    tau_t = torch.exp(-opts.hd_decay * t)
+    # d kappa_{t-1} / d alpha_k = lr_scale_{t-1} * tau_{t-1} * w_k: the chain rule through
+    # the rate the last step applied, LR scheduler factor included.
+    hd_prev = gs["lr_scale"] * torch.exp(-opts.hd_decay * (t - 1))
+    w = gs["weights"].clone()  # the old weights: every right-hand side uses them
+    # N / N_k with N counted over every rank of a sharded group
+    n_ratio = totals["n"] / plan.num_elements if "n" in totals else 1.0
+
     hd = {}
     for level in coarse:
-        k, beta, s = k_of[level], opts.hypergrad_lr[level], level_sum(level, sums.s)
+        k, beta = k_of[level], opts.hypergrad_lr[level]
+        s = totals["s_global"] if level == "global" else level_sum(level, sums.s)
         if multiplicative:
-            prod = level_sum(level, sums.qg) * level_sum(level, sums.qu)
+            if level == "global":
+                prod = totals["qg_global"] * totals["qu_global"]
+            else:
+                prod = level_sum(level, sums.qg) * level_sum(level, sums.qu)
             cos = torch.where(prod > 0, s / prod.sqrt(), 0.0)
             hd[level] = old[level] * (1 + beta * w[k] * cos)
         else:
             sized = opts.scaling == "size" and level != "global"  # global: N / N = 1
-            scale = plan.size_scale(level, device, acc) if sized else 1.0
-            hd[level] = old[level] + (beta * tau_prev * w[k]) * scale * s
+            scale = plan.size_scale(level, device, acc) * n_ratio if sized else 1.0
+            hd[level] = old[level] + (beta * hd_prev * w[k]) * scale * s
 
     new = dict(hd)
     for level, rho in opts.shrinkage.items():
@@ -132,21 +141,12 @@ def update_levels(opts: GroupOptions, plan: StepPlan, gs: dict, sums: UnitSums) 
         new = {lv: r.clamp(min=lo, max=hi) for lv, r in new.items()}
 
     if opts.multi_level:
-        a_dot_s, r_sq = [], []  # per level: sum_j alpha_old S_j, and R = sum_e (alpha_old g)^2
-        for level in opts.levels:
-            if level == "param":
-                a_dot_s.append(sums.param_dot)
-                r_sq.append(sums.param_sq)
-            else:
-                a_dot_s.append(ordered_sum((old[level] * level_sum(level, sums.s)).reshape(-1)))
-                if multiplicative:
-                    r_sq.append(ordered_sum((old[level] ** 2 * level_sum(level, sums.qg)).reshape(-1)))
-        a_dot_s = torch.stack(a_dot_s).to(acc)
-        if multiplicative:
-            denom = (torch.stack(r_sq).to(acc) * ordered_sum(sums.qu)).sqrt()
+        a_dot_s = totals["a_dot_s"]  # per level: sum_j alpha_old S_j
+        if multiplicative:  # R_k = sum_e (alpha_old g)^2 and U = sum_e u_prev^2
+            denom = (totals["r_sq"] * totals["qu_global"]).sqrt()
             new_w = w * torch.where(denom > 0, 1 + opts.combination_lr * a_dot_s / denom, 1.0)
         else:
-            new_w = w + opts.combination_lr * tau_prev * a_dot_s
+            new_w = w + opts.combination_lr * hd_prev * a_dot_s
         new_w = new_w.clamp(min=0)
         total = new_w.sum()
         new_w = torch.where(total > 0, new_w / total, 1.0 / len(opts.levels))
@@ -158,22 +158,74 @@ def update_levels(opts: GroupOptions, plan: StepPlan, gs: dict, sums: UnitSums) 
     for level in coarse:
         move = (hd_gate * masks[level]) > 0
         gs[GROUP_RATE_KEYS[level]].copy_(torch.where(move, new[level], old[level]))
+    gs["lr_scale"].copy_(torch.where(gate > 0, opts.lr_scale, gs["lr_scale"]))
     record_applied_rates(opts, gs, (plan.layer_mask(device, acc) * gate) > 0, tau_t, w)
 
     alpha_coarse = sum(
         (w[k_of[lv]] * _per_unit(lv, gs[GROUP_RATE_KEYS[lv]], plan) for lv in coarse),
         torch.zeros((), dtype=acc, device=device),
     )
-    kappa_units = (gate * (tau_t * alpha_coarse + (1 - tau_t) * opts.final_lr)).expand(plan.layout.num_units)
+    applied = gate * opts.lr_scale  # kappa = lr_scale * (tau_t * alpha* + (1 - tau_t) * final_lr)
+    kappa_units = (applied * (tau_t * alpha_coarse + (1 - tau_t) * opts.final_lr)).expand(plan.layout.num_units)
     coeffs = StepCoefficients(gate=gate, hd_gate=hd_gate, kappa_units=kappa_units)
     if "param" in opts.levels:
         k, beta = k_of["param"], opts.hypergrad_lr["param"]
-        coeffs.param_kappa = gate * tau_t * w[k]
+        coeffs.param_kappa = applied * tau_t * w[k]
         if multiplicative:
             coeffs.param_hd = beta * w[k]
         else:
-            coeffs.param_hd = beta * (plan.num_elements if opts.scaling == "size" else 1) * tau_prev * w[k]
+            n = plan.num_elements * n_ratio if opts.scaling == "size" else 1
+            coeffs.param_hd = beta * n * hd_prev * w[k]
         if "param" in opts.shrinkage:  # finite even when a bad gradient skips the step
             parent = opts.parents["param"]
             coeffs.param_parent = _per_unit(parent, torch.where(hd_gate > 0, hd[parent], old[parent]), plan)
     return coeffs
+
+
+def _group_totals(job: GroupJob, sums: UnitSums, old: dict, level_sum) -> dict:
+    """The sums that span the tensors of the group, as 0-d (or [K]) tensors: "bad" (> 0
+    skips the step), "s_global", "qg_global", "qu_global", "a_dot_s" and "r_sq" (per level,
+    for the weights) and, for a sharded group, "n" (elements with a gradient).
+
+    With a `sharding_group` each rank holds some of the group's tensors, and these are
+    the only quantities of a step that need the others' elements: one all-reduce of one
+    small vector makes every rank's rates and weights the same as an unsharded run's.
+    """
+    opts, gs = job.opts, job.group_state
+    device, acc = gs["weights"].device, gs["weights"].dtype
+    multiplicative = opts.rule == "multiplicative"
+    bad = torch.zeros((), dtype=acc, device=device)
+    if opts.skip_nonfinite:
+        bad = bad + (~sums.finite).to(acc)
+    if job.found_inf is not None:
+        bad = bad + (job.found_inf.to(device=device, dtype=acc) > 0).to(acc)
+    totals = {"bad": bad, "s_global": ordered_sum(sums.s)}
+    if multiplicative:
+        totals["qg_global"], totals["qu_global"] = ordered_sum(sums.qg), ordered_sum(sums.qu)
+    if opts.multi_level:
+        a_dot_s, r_sq = [], []
+        for level in opts.levels:
+            if level == "param":
+                a_dot_s.append(sums.param_dot)
+                r_sq.append(sums.param_sq)
+            else:
+                s = totals["s_global"] if level == "global" else level_sum(level, sums.s)
+                a_dot_s.append(ordered_sum((old[level] * s).reshape(-1)))
+                if multiplicative:
+                    qg = totals["qg_global"] if level == "global" else level_sum(level, sums.qg)
+                    r_sq.append(ordered_sum((old[level] ** 2 * qg).reshape(-1)))
+        totals["a_dot_s"] = torch.stack(a_dot_s).to(acc)
+        if multiplicative:
+            totals["r_sq"] = torch.stack(r_sq).to(acc)
+    if job.sharding_group is None:
+        return totals
+    totals["n"] = torch.full((), job.plan.num_elements, dtype=acc, device=device)
+    names = list(totals)
+    flat = torch.cat([totals[name].reshape(-1) for name in names])
+    torch.distributed.all_reduce(flat, group=job.sharding_group)
+    out, offset = {}, 0
+    for name in names:
+        size = totals[name].numel()
+        out[name] = flat[offset : offset + size].reshape(totals[name].shape)
+        offset += size
+    return out

@@ -30,17 +30,20 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
 
     _kind: str
 
-    def __init__(self, params, defaults: dict):
+    def __init__(self, params, defaults: dict, sharding_group=None):
         # add_param_group (called by the base __init__) appends to these.
         self.group_states: list = []  # per group: None until its first step, then a dict
         self._layouts: list[GroupLayout] = []
         self._plans: list = []
+        self.sharding_group = sharding_group
         super().__init__(params, defaults)
 
     # -- construction ---------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        # The base of an LR scheduler's factor (schedulers set it the same way).
+        group.setdefault("initial_lr", group["lr"])
         try:
             for p in group["params"]:
                 if p.is_complex():
@@ -75,6 +78,11 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         params = group["params"]
         active = tuple(j for j, p in enumerate(params) if p.grad is not None and p.numel() > 0)
         if not active:
+            if self.sharding_group is not None:  # the other ranks would wait for its sums forever
+                raise RuntimeError(
+                    f"param group {index} has no gradient on this rank; with sharding_group every "
+                    "rank must hold a parameter with a gradient in every param group"
+                )
             return None
         stepping = [params[j] for j in active]
         device = stepping[0].device
@@ -101,7 +109,9 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             if not self.state[p]:
                 self.state[p] = new_param_state(p, opts)
             states.append(self.state[p])
-        return GroupJob(opts, plan, stepping, [p.grad for p in stepping], states, group_state)
+        return GroupJob(opts, plan, stepping, [p.grad for p in stepping], states, group_state,
+                        grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
+                        sharding_group=self.sharding_group)
 
     # -- inspection -----------------------------------------------------------------
     def _group_state_or_initial(self, index: int) -> dict:
@@ -225,7 +235,7 @@ class MultiLevelSGD(_MultiLevelOptimizer):
                  weight_decay=0.0, maximize=False, *, levels=DEFAULT_LEVELS, init_weights=None,
                  hypergrad_lr=None, hypergrad_rule="additive", hypergrad_scaling="size",
                  combination_lr=None, shrinkage=None, rate_bounds=(0.0, None), hd_decay=0.0,
-                 final_lr=None, skip_nonfinite=True, backend="auto"):
+                 final_lr=None, skip_nonfinite=True, backend="auto", sharding_group=None):
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
             weight_decay=weight_decay, maximize=maximize, levels=levels,
@@ -234,7 +244,7 @@ class MultiLevelSGD(_MultiLevelOptimizer):
             shrinkage=shrinkage, rate_bounds=rate_bounds, hd_decay=hd_decay, final_lr=final_lr,
             skip_nonfinite=skip_nonfinite, backend=backend,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, sharding_group)
 
 
 class MultiLevelAdam(_MultiLevelOptimizer):
@@ -248,7 +258,7 @@ class MultiLevelAdam(_MultiLevelOptimizer):
                  init_weights=None, hypergrad_lr=None, hypergrad_rule="additive",
                  hypergrad_scaling="size", combination_lr=None, shrinkage=None,
                  rate_bounds=(0.0, None), hd_decay=0.0, final_lr=None, skip_nonfinite=True,
-                 backend="auto"):
+                 backend="auto", sharding_group=None):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, levels=levels,
@@ -257,7 +267,7 @@ class MultiLevelAdam(_MultiLevelOptimizer):
             shrinkage=shrinkage, rate_bounds=rate_bounds, hd_decay=hd_decay, final_lr=final_lr,
             skip_nonfinite=skip_nonfinite, backend=backend,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, sharding_group)
 
 
 class MultiLevelAdamW(MultiLevelAdam):

@@ -27,7 +27,8 @@ class GroupOptions:
 
     kind: str  # "sgd" or "adam"
     levels: tuple[str, ...]
-    lr: float
+    lr: float  # the base lr: where rates start; an LR scheduler's `initial_lr`
+    lr_scale: float  # the group's lr now over the base lr: what a scheduler multiplies kappa by
     final_lr: float
     weight_decay: float
     decoupled_weight_decay: bool
@@ -102,8 +103,12 @@ def validate_group(group: dict, kind: str) -> None:
 
 def resolve(group: dict, kind: str) -> GroupOptions:
     levels = _levels(group)
-    lr = group["lr"]
-    _check_nonnegative("lr", lr)
+    _check_nonnegative("lr", group["lr"])
+    # An LR scheduler (or a hand edit) changes group["lr"]; the rates learned at the base
+    # lr stay, and the scheduler's factor scales the applied rate (README: LR schedulers).
+    lr = group.get("initial_lr", group["lr"])
+    _check_nonnegative("initial_lr", lr)
+    lr_scale = group["lr"] / lr if lr > 0 else 1.0
     _check_nonnegative("weight_decay", group["weight_decay"])
     _check_nonnegative("hd_decay", group["hd_decay"])
     final_lr = lr if group["final_lr"] is None else group["final_lr"]
@@ -178,7 +183,7 @@ def resolve(group: dict, kind: str) -> GroupOptions:
         decoupled = False
 
     return GroupOptions(
-        kind=kind, levels=levels, lr=float(lr), final_lr=float(final_lr),
+        kind=kind, levels=levels, lr=float(lr), lr_scale=float(lr_scale), final_lr=float(final_lr),
         weight_decay=float(group["weight_decay"]), decoupled_weight_decay=bool(decoupled),
         maximize=bool(group["maximize"]), momentum=float(momentum),
         dampening=float(dampening), nesterov=bool(nesterov), beta1=float(beta1),

@@ -31,14 +31,15 @@ def rate_view(level: str, group_state: dict, t: TensorLayout, p, param_state) ->
 
 
 def combined_rate(opts: GroupOptions, weights, group_state, t: TensorLayout, p, param_state, step):
-    """kappa of SPEC step 6: tau_t * sum_k w_k alpha_k[idx_k(e)] + (1 - tau_t) * final_lr."""
+    """kappa of SPEC step 6, times the LR scheduler's factor (README: LR schedulers):
+    lr_scale * (tau_t * sum_k w_k alpha_k[idx_k(e)] + (1 - tau_t) * final_lr)."""
     dtype = compute_dtype(p.dtype)
     alpha = sum(
         weights[k].to(dtype) * rate_view(level, group_state, t, p, param_state).to(dtype)
         for k, level in enumerate(opts.levels)
     )
     tau_t = math.exp(-opts.hd_decay * step)
-    return tau_t * alpha + (1 - tau_t) * opts.final_lr
+    return opts.lr_scale * (tau_t * alpha + (1 - tau_t) * opts.final_lr)
 
 
 def applied_rate(opts: GroupOptions, group_state, t: TensorLayout, p, param_state) -> torch.Tensor:
@@ -54,8 +55,11 @@ def applied_rate(opts: GroupOptions, group_state, t: TensorLayout, p, param_stat
 
 def step(job: GroupJob) -> None:
     opts, gs = job.opts, job.group_state
-    grads = [_effective_grad(p, g, opts) for p, g in zip(job.params, job.grads)]
-    if opts.skip_nonfinite and not all(bool(torch.isfinite(g).all()) for g in grads):
+    if job.sharding_group is not None:
+        raise RuntimeError("the reference backend does not run sharded param groups; use another backend")
+    grads = [_effective_grad(p, g, opts, job.grad_scale) for p, g in zip(job.params, job.grads)]
+    found_inf = job.found_inf is not None and float(job.found_inf) > 0
+    if found_inf or (opts.skip_nonfinite and not all(bool(torch.isfinite(g).all()) for g in grads)):
         gs["skipped"] += 1
         return
     gs["step"] += 1
@@ -71,13 +75,16 @@ def step(job: GroupJob) -> None:
         if opts.decoupled_weight_decay:
             new_p = new_p * (1 - kappa * opts.weight_decay)
         p.copy_(new_p - kappa * u)
+    gs["lr_scale"].fill_(opts.lr_scale)
     stepped = torch.zeros(job.plan.layout.num_layers, dtype=torch.bool, device=gs["step"].device)
     stepped[[lay.layer for lay in layouts]] = True
     record_applied_rates(opts, gs, stepped, torch.tensor(math.exp(-opts.hd_decay * t), dtype=gs["step"].dtype), weights_used)
 
 
-def _effective_grad(p, grad, opts: GroupOptions) -> torch.Tensor:
+def _effective_grad(p, grad, opts: GroupOptions, grad_scale) -> torch.Tensor:
     g = grad.to(compute_dtype(p.dtype))
+    if grad_scale is not None:  # GradScaler's: grad = grad_scale * the true gradient
+        g = g / grad_scale.to(g)
     if opts.maximize:
         g = -g
     if opts.weight_decay > 0 and not opts.decoupled_weight_decay:
@@ -153,7 +160,8 @@ def _update_levels(job: GroupJob, grads: list, t: float) -> None:
     n = job.plan.num_elements
     u_prev = [_previous_direction(st, opts) for st in job.states]
     h = [g * u for g, u in zip(grads, u_prev)]
-    tau_prev = math.exp(-opts.hd_decay * (t - 1))
+    # d kappa_{t-1} / d alpha_k = lr_scale_{t-1} * tau_{t-1} * w_k
+    hd_prev = float(gs["lr_scale"]) * math.exp(-opts.hd_decay * (t - 1))
     w = gs["weights"]
     old = {
         level: [rate_view(level, gs, lay, p, st).clone() for p, lay, st in zip(job.params, layouts, job.states)]
@@ -167,7 +175,7 @@ def _update_levels(job: GroupJob, grads: list, t: float) -> None:
         sums[level] = s = _level_sums(level, h, acc)
         if opts.rule == "additive":
             b = [beta * n / _group_size(level, lay, n) if opts.scaling == "size" else beta for lay in layouts]
-            hd[level] = [a + bj * tau_prev * w[k] * sj for a, bj, sj in zip(old[level], b, s)]
+            hd[level] = [a + bj * hd_prev * w[k] * sj for a, bj, sj in zip(old[level], b, s)]
         else:
             if level == "param":
                 cos = [torch.sign(x) for x in h]
@@ -186,7 +194,7 @@ def _update_levels(job: GroupJob, grads: list, t: float) -> None:
         new = {level: [torch.clamp(a, min=lo, max=hi) for a in rs] for level, rs in new.items()}
 
     if opts.multi_level:
-        gs["weights"].copy_(_new_weights(opts, w.clone(), old, sums, grads, u_prev, tau_prev))
+        gs["weights"].copy_(_new_weights(opts, w.clone(), old, sums, grads, u_prev, hd_prev))
 
     for level in opts.levels:
         for rate, p, lay, st in zip(new[level], job.params, layouts, job.states):
@@ -200,12 +208,12 @@ def _update_levels(job: GroupJob, grads: list, t: float) -> None:
                 st["param_rate"].copy_(rate)
 
 
-def _new_weights(opts, w, old, sums, grads, u_prev, tau_prev) -> torch.Tensor:
+def _new_weights(opts, w, old, sums, grads, u_prev, hd_prev) -> torch.Tensor:
     levels = opts.levels
     # sum_j alpha_k_old[j] * S_k[j], per level: G_k / tau_{t-1}
     a_dot_s = torch.stack([_level_total(lv, [a * s for a, s in zip(old[lv], sums[lv])]) for lv in levels]).to(w.dtype)
     if opts.rule == "additive":
-        w = w + opts.combination_lr * tau_prev * a_dot_s
+        w = w + opts.combination_lr * hd_prev * a_dot_s
     else:
         r = torch.stack([sum(((a * g) ** 2).sum() for a, g in zip(old[lv], grads)) for lv in levels]).to(w.dtype)
         u_sq = sum((u * u).sum() for u in u_prev).to(w.dtype)

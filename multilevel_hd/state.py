@@ -8,7 +8,9 @@ Per parameter (`optimizer.state[p]`, created at the parameter's first step with 
   "param_rate"              the param level's rates, shaped like p
 Per param group (`optimizer.group_states[i]`, created at the group's first step):
   "step"            0-d: t, the group's steps taken
-  "skipped"         int64 0-d: steps skipped by the non-finite guard
+  "skipped"         int64 0-d: steps skipped (a NaN/Inf gradient, or GradScaler's found_inf)
+  "lr_scale"        0-d: the LR scheduler's factor lr / initial_lr that the last step applied
+                    (the next hyper-gradient goes through it: README, LR schedulers)
   "weights"         [K]: the combination weights the next step uses
   "applied_scale"   [tensors, K], "applied_offset" [tensors]: what each tensor's own last
                     step applied, for effective_rate (see `record_applied_rates`)
@@ -19,6 +21,7 @@ float64 when any parameter of the group is), on the parameters' device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -42,6 +45,7 @@ def new_group_state(opts: GroupOptions, layout: GroupLayout, device, dtype) -> d
     state = {
         "step": torch.zeros((), dtype=dtype, device=device),
         "skipped": torch.zeros((), dtype=torch.int64, device=device),
+        "lr_scale": torch.ones((), dtype=dtype, device=device),
         "weights": weights,
     }
     for level, key in GROUP_RATE_KEYS.items():
@@ -58,7 +62,7 @@ def new_group_state(opts: GroupOptions, layout: GroupLayout, device, dtype) -> d
 def group_state_shapes(opts: GroupOptions, layout: GroupLayout) -> dict:
     """The shape of every group-state tensor (what a loaded state dict must match)."""
     shapes = {
-        "step": (), "skipped": (), "weights": (len(opts.levels),),
+        "step": (), "skipped": (), "lr_scale": (), "weights": (len(opts.levels),),
         "applied_scale": (layout.num_layers, len(opts.levels)), "applied_offset": (layout.num_layers,),
     }
     sizes = {"global": (), "layer": (layout.num_layers,), "unit": (layout.num_units,)}
@@ -74,11 +78,11 @@ def record_applied_rates(opts: GroupOptions, gs: dict, stepped, tau_t, weights_u
     A tensor's layer, unit and param rates move only when it steps, but the global rate
     and the weights move at every step of its group. So the kappa its last step applied is
     `applied_offset[i] + sum over non-global levels k of applied_scale[i, k] * alpha_k`,
-    where the offset holds (1 - tau) * final_lr plus the global term. `stepped` is a [tensors]
-    bool device tensor; nothing is read on the host.
+    where the offset holds (1 - tau) * final_lr plus the global term, all times the LR
+    scheduler's factor. `stepped` is a [tensors] bool device tensor; nothing is read on the host.
     """
-    scale = tau_t * weights_used
-    offset = (1 - tau_t) * opts.final_lr
+    scale = opts.lr_scale * tau_t * weights_used
+    offset = opts.lr_scale * (1 - tau_t) * opts.final_lr
     if "global" in opts.levels:
         offset = offset + scale[opts.levels.index("global")] * gs["rate_global"]
     gs["applied_scale"].copy_(torch.where(stepped[:, None], scale, gs["applied_scale"]))
@@ -114,6 +118,10 @@ class GroupJob:
 
     `params`, `grads` and `states` list the parameters that step (gradient present, at
     least one element), in group order; `plan.active[i]` is the group index of params[i].
+    `grad_scale` and `found_inf` come from torch.amp.GradScaler (0-d device tensors): the
+    grads are `grad_scale` times the true ones, and `found_inf > 0` skips the step.
+    `sharding_group`: the process group whose ranks hold the other parts of this param
+    group; the level stage all-reduces the sums that span tensors over it.
     """
 
     opts: GroupOptions
@@ -122,3 +130,16 @@ class GroupJob:
     grads: list
     states: list
     group_state: dict
+    grad_scale: Optional[torch.Tensor] = None
+    found_inf: Optional[torch.Tensor] = None
+    sharding_group: Any = None
+
+    def grad_factor(self, dtype) -> torch.Tensor:
+        """What the raw gradient is multiplied by before anything else: -1 for `maximize`,
+        over the GradScaler's scale. A 0-d device tensor, so kernels read it from memory."""
+        sign = -1.0 if self.opts.maximize else 1.0
+        device = self.group_state["weights"].device
+        if self.grad_scale is None:
+            return self.plan.cached(("grad_factor", device, dtype, sign),
+                                    lambda: torch.tensor(sign, dtype=dtype, device=device))
+        return (sign / self.grad_scale.to(device=device, dtype=torch.float64)).to(dtype)

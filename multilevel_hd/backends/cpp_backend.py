@@ -142,7 +142,7 @@ def step(job: GroupJob) -> None:
     if opts.skip_nonfinite:
         sums.finite = totals[2] == 0
 
-    c = update_levels(opts, plan, gs, sums)
+    c = update_levels(job, sums)
 
     lo, hi = opts.rate_bounds if opts.rate_bounds is not None else (None, None)
     for b, args in zip(buckets, lists):

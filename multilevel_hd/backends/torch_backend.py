@@ -44,7 +44,7 @@ def step(job: GroupJob) -> None:
         sums.qg, sums.qu = torch.zeros_like(sums.s), torch.zeros_like(sums.s)
     dots, squares, extremes = [], [], []
     for p, grad, st, lay in zip(job.params, job.grads, job.states, layouts):
-        g = _effective_grad(p, grad, opts)
+        g = _effective_grad(p, grad, job)
         if opts.skip_nonfinite:  # max and min are NaN or infinite iff an element is
             extremes += [g.amax(), g.amin()]
         x, scale = _previous_direction(st, opts)  # u_prev = x * scale, scale per tensor
@@ -65,10 +65,10 @@ def step(job: GroupJob) -> None:
     if opts.skip_nonfinite:
         sums.finite = torch.stack(extremes).isfinite().all()
 
-    coeffs = update_levels(opts, plan, gs, sums)
+    coeffs = update_levels(job, sums)
 
     for p, grad, st, lay in zip(job.params, job.grads, job.states, layouts):
-        g = _effective_grad(p, grad, opts)
+        g = _effective_grad(p, grad, job)
         if opts.skip_nonfinite:  # so that the gated arithmetic below stays finite
             g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=_scratch("g", g))
         kappa = unit_view(coeffs.kappa_units, lay, p).to(g.dtype)
@@ -120,12 +120,13 @@ def _row_sums(x: torch.Tensor, out: torch.Tensor, scale=None) -> None:
         out.mul_(scale)
 
 
-def _effective_grad(p, grad, opts: GroupOptions) -> torch.Tensor:
-    """g of SPEC step 1 in the math dtype; the gradient itself when nothing changes it."""
-    dtype = compute_dtype(grad.dtype)
+def _effective_grad(p, grad, job: GroupJob) -> torch.Tensor:
+    """g of SPEC step 1 in the math dtype (unscaled if a GradScaler scaled it); the
+    gradient itself when nothing changes it."""
+    opts, dtype = job.opts, compute_dtype(grad.dtype)
     g = grad if grad.dtype == dtype else _scratch("g", grad, dtype).copy_(grad)
-    if opts.maximize:
-        g = torch.neg(g, out=_scratch("g", g))
+    if opts.maximize or job.grad_scale is not None:
+        g = torch.mul(g, job.grad_factor(dtype), out=_scratch("g", g))
     if opts.weight_decay > 0 and not opts.decoupled_weight_decay:
         g = torch.add(g, p, alpha=opts.weight_decay, out=_scratch("g", g))
     return g

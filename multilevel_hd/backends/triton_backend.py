@@ -78,7 +78,7 @@ def step(job: GroupJob) -> None:
     # Triton launches on the current device; the group's may be another GPU.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         sums, launches = _reduce(job, tables)
-        coeffs = update_levels(job.opts, job.plan, job.group_state, sums)
+        coeffs = update_levels(job, sums)
         launches_last_step = launches + _apply(job, tables, coeffs)
 
 
