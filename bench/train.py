@@ -338,16 +338,18 @@ class Run:
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # mean minibatch loss since the last record
     levels: list[str] = field(default_factory=list)  # of a multilevel_hd optimizer, in weights order
-    rates: list[dict] = field(default_factory=list)  # rate_snapshot() at the same steps
+    rates: list[dict] = field(default_factory=list)  # rate_snapshot() at the same steps (log_rates)
 
 
-def rate_snapshot(opt) -> dict:
-    """A small summary of opt.rates() (one param group): weights, global and layer rates,
-    and quantiles of the unit and param rates."""
+def rate_snapshot(opt, summary: dict) -> dict:
+    """What the rate figures need (one param group): the weights and the global rate from
+    the `mlhd.rate_summary` that `mlhd.log_rates` passes, every layer rate and quantiles of
+    the unit and param rates from opt.rates()."""
+    levels = opt.param_groups[0]["levels"]
+    snap = {"weights": [summary[f"group0/weight/{level}"] for level in levels]}
+    if "global" in levels:
+        snap["global"] = summary["group0/rate/global"]
     group = opt.rates()[0]
-    snap = {"weights": group["weights"].tolist()}
-    if "global" in group:
-        snap["global"] = group["global"].item()
     if "layer" in group:
         snap["layer"] = torch.stack(group["layer"]).tolist()
     for level in ("unit", "param"):
@@ -407,6 +409,8 @@ def train_run(job: Job, data: Digits, device: torch.device) -> Run:
     is_hd = isinstance(opt, (mlhd.MultiLevelAdam, mlhd.MultiLevelSGD))
     gen = torch.Generator().manual_seed(job.seed)
     run = Run(s.name, spec.name, job.lr, job.seed, levels=list(opt.param_groups[0]["levels"]) if is_hd else [])
+    if is_hd:  # a step hook records the rates at the same steps as the losses below
+        mlhd.log_rates(opt, LOG_EVERY, lambda _, summary: run.rates.append(rate_snapshot(opt, summary)))
     started = time.perf_counter()
     if spec.schedule_free:
         opt.train()
@@ -423,8 +427,6 @@ def train_run(job: Job, data: Digits, device: torch.device) -> Run:
                 run.steps.append(step)
                 run.losses.append(loss_sum.item() / LOG_EVERY)
                 loss_sum.zero_()
-                if is_hd:
-                    run.rates.append(rate_snapshot(opt))
     if spec.schedule_free:
         opt.eval()  # swaps in the averaged weights
     precise_batchnorm(model, data, s.batch_size)

@@ -1,0 +1,107 @@
+"""Data-parallel training: DistributedDataParallel over two CPU processes (gloo) with each
+rank on half of a batch gives the same parameters, rates and weights on both ranks, and
+the same as one process on the whole batch (the averaged half-batch gradients equal the
+full-batch gradient up to rounding).
+
+`run_ranks` spawns the processes once for all cases (spawning and importing torch costs
+seconds); other multi-process tests can reuse it with their own per-rank function.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import multilevel_hd as mlhd
+from multilevel_hd.backends import available_backends
+
+WORLD_SIZE = 2
+STEPS = 5
+BATCH = 8  # split evenly between the ranks
+LEVELS = ("global", "layer", "unit", "param")
+# "auto" and every concrete CPU backend; Triton on the CPU is its slow interpreter.
+BACKENDS = ["auto"] + [b for b in available_backends(torch.device("cpu")) if b not in ("reference", "triton")]
+OPTIMIZERS = {  # large hyper-gradient rates, so that rates and weights visibly move in 5 steps
+    "adam": (mlhd.MultiLevelAdam, dict(lr=1e-2, hypergrad_lr=1e-3)),
+    "sgd-nesterov": (mlhd.MultiLevelSGD, dict(lr=0.1, momentum=0.9, nesterov=True, hypergrad_lr=1e-2)),
+}
+CASES = [(name, backend) for name in OPTIMIZERS for backend in BACKENDS]
+
+
+# --------------------------------------------------------------------------- processes
+def run_ranks(fn, world_size: int, tmp_path, *args) -> list:
+    """Run `fn(rank, world_size, *args)` in `world_size` spawned processes joined in a gloo
+    process group (a FileStore in tmp_path); returns what each rank returned, in rank order
+    (anything torch.save can write). `fn` must be a module-level function."""
+    store = tmp_path / "store"
+    assert not store.exists(), "a FileStore file serves one process group: use a fresh tmp_path"
+    mp.spawn(_rank_main, args=(fn, world_size, str(tmp_path), args), nprocs=world_size, join=True)
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
+
+
+def _rank_main(rank: int, fn, world_size: int, tmp_dir: str, args: tuple) -> None:
+    torch.set_num_threads(1)  # one core per process
+    dist.init_process_group("gloo", init_method=f"file://{tmp_dir}/store", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))  # a rank stuck in a collective fails the test
+    try:
+        torch.save(fn(rank, world_size, *args), os.path.join(tmp_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- training
+def batch():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, 2, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 3, (BATCH,), generator=gen)
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
+
+
+def train(case: tuple, model: nn.Module, x, y) -> dict:
+    """STEPS steps of one case on (x, y); lists of the final parameters, weights and each
+    level's rates."""
+    name, backend = case
+    cls, kwargs = OPTIMIZERS[name]
+    opt = cls(model.parameters(), levels=LEVELS, backend=backend, **kwargs)
+    for _ in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    rates = opt.rates()[0]
+    tensors = {"params": [p.detach().clone() for p in opt.param_groups[0]["params"]], "weights": [rates["weights"]]}
+    return tensors | {level: rates[level] if level != "global" else [rates[level]] for level in LEVELS}
+
+
+def ddp_cases(rank: int, world_size: int) -> dict:
+    """Every case on this rank's share of the batch, the model wrapped in DDP."""
+    x, y = batch()
+    share = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
+    return {case: train(case, nn.parallel.DistributedDataParallel(small_net()), x[share], y[share]) for case in CASES}
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    return run_ranks(ddp_cases, WORLD_SIZE, tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.mark.parametrize("case", CASES, ids="-".join)
+def test_ddp_matches_one_process_on_the_whole_batch(ddp_results, case):
+    rank0, rank1 = (result[case] for result in ddp_results)
+    single = train(case, small_net(), *batch())
+    lr = OPTIMIZERS[case[0]][1]["lr"]
+    for key, tensors in single.items():
+        assert all(torch.equal(a, b) for a, b in zip(rank0[key], rank1[key], strict=True)), f"{key} differ between the ranks"
+        for i, (a, b) in enumerate(zip(rank0[key], tensors, strict=True)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14, msg=lambda m: f"{key}[{i}]: {m}")
+        if key in LEVELS:  # the rates moved, so a difference in the hyper-gradients would show
+            assert max((t / lr - 1).abs().max() for t in tensors) > 0.05, key
+    assert (single["weights"][0] - 1 / len(LEVELS)).abs().max() > 1e-3
