@@ -1,7 +1,9 @@
 """Data-parallel training: DistributedDataParallel over two CPU processes (gloo) with each
 rank on half of a batch gives the same parameters, rates and weights on both ranks, and
 the same as one process on the whole batch (the averaged half-batch gradients equal the
-full-batch gradient up to rounding).
+full-batch gradient up to rounding). Sharded training: ZeroRedundancyOptimizer gives each
+rank some of the parameters; with `sharding_group` the global sums are all-reduced, so
+the run again equals the one-process run.
 
 `run_ranks` spawns the processes once for all cases (spawning and importing torch costs
 seconds); other multi-process tests can reuse it with their own per-rank function.
@@ -17,6 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 import multilevel_hd as mlhd
 from multilevel_hd.backends import available_backends
@@ -66,18 +70,30 @@ def small_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
 
 
-def train(case: tuple, model: nn.Module, x, y) -> dict:
+def train(case: tuple, model: nn.Module, x, y, sharded: bool = False) -> dict:
     """STEPS steps of one case on (x, y); lists of the final parameters, weights and each
-    level's rates."""
+    level's rates. `sharded`: through ZeroRedundancyOptimizer, each rank stepping its own
+    share of the parameters; the rates are then those of this rank's share, with "shard"
+    giving the indices of its parameters in the model."""
     name, backend = case
     cls, kwargs = OPTIMIZERS[name]
-    opt = cls(model.parameters(), levels=LEVELS, backend=backend, **kwargs)
+    if sharded:
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, levels=LEVELS, backend=backend,
+                                       sharding_group=dist.group.WORLD, **kwargs)
+        opt = zero.optim
+    else:
+        opt = zero = cls(model.parameters(), levels=LEVELS, backend=backend, **kwargs)
     for _ in range(STEPS):
-        opt.zero_grad(set_to_none=True)
+        zero.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
-        opt.step()
+        zero.step()
     rates = opt.rates()[0]
-    tensors = {"params": [p.detach().clone() for p in opt.param_groups[0]["params"]], "weights": [rates["weights"]]}
+    position = {p: i for i, p in enumerate(model.parameters())}
+    tensors = {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "shard": [torch.tensor([position[p] for p in opt.param_groups[0]["params"]])],
+        "weights": [rates["weights"]],
+    }
     return tensors | {level: rates[level] if level != "global" else [rates[level]] for level in LEVELS}
 
 
@@ -99,9 +115,47 @@ def test_ddp_matches_one_process_on_the_whole_batch(ddp_results, case):
     single = train(case, small_net(), *batch())
     lr = OPTIMIZERS[case[0]][1]["lr"]
     for key, tensors in single.items():
+        if key == "shard":
+            continue
         assert all(torch.equal(a, b) for a, b in zip(rank0[key], rank1[key], strict=True)), f"{key} differ between the ranks"
         for i, (a, b) in enumerate(zip(rank0[key], tensors, strict=True)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14, msg=lambda m: f"{key}[{i}]: {m}")
         if key in LEVELS:  # the rates moved, so a difference in the hyper-gradients would show
             assert max((t / lr - 1).abs().max() for t in tensors) > 0.05, key
     assert (single["weights"][0] - 1 / len(LEVELS)).abs().max() > 1e-3
+
+
+def sharded_cases(rank: int, world_size: int) -> dict:
+    """Every case with DDP for the gradients and ZeroRedundancyOptimizer for the step."""
+    x, y = batch()
+    share = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
+    model = {case: nn.parallel.DistributedDataParallel(small_net()) for case in SHARDED_CASES}
+    return {case: train(case, model[case], x[share], y[share], sharded=True) for case in SHARDED_CASES}
+
+
+# the compiled backends and the torch backend share the level stage, where the all-reduce is
+SHARDED_CASES = [(name, "auto") for name in OPTIMIZERS] + [("adam", "torch")]
+
+
+@pytest.fixture(scope="module")
+def sharded_results(tmp_path_factory):
+    return run_ranks(sharded_cases, WORLD_SIZE, tmp_path_factory.mktemp("zero"))
+
+
+@pytest.mark.parametrize("case", SHARDED_CASES, ids="-".join)
+def test_sharded_run_matches_one_process(sharded_results, case):
+    """Each rank steps only its share, yet global rate, weights and every parameter equal
+    the one-process run; the layer, unit and param rates of each share equal that run's
+    rates of the same parameters."""
+    ranks = [result[case] for result in sharded_results]
+    single = train(case, small_net(), *batch())
+    shards = [r["shard"][0].tolist() for r in ranks]
+    assert sorted(shards[0] + shards[1]) == list(range(len(single["params"]))) and all(shards)
+    for r in ranks:
+        for key in ("params", "weights", "global"):
+            for a, b in zip(r[key], single[key], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14, msg=lambda m: f"{key}: {m}")
+        for level in ("layer", "unit", "param"):
+            for local, index in enumerate(r["shard"][0].tolist()):
+                torch.testing.assert_close(r[level][local], single[level][index], rtol=1e-10, atol=1e-14,
+                                           msg=lambda m: f"{level}[{index}]: {m}")
