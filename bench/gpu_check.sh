@@ -2,7 +2,8 @@
 # The prepared check for a lent GPU machine (torch, triton and pytest already there; it
 # installs nothing and runs from this tree with PYTHONPATH=.):
 #   bash bench/gpu_check.sh         1. the test suite on CUDA (every fast backend against the
-#                                      reference, tests/test_triton_backend.py included),
+#                                      reference, tests/test_triton_backend.py included, and
+#                                      the CUDA-only tests: tests/test_cuda_graphs.py),
 #                                   2. python -m bench.report on resnet50/101/152,
 #                                   3. kernel launches per step (python -m bench.launches).
 #   bash bench/gpu_check.sh --cpu   the same three steps on the CPU under the Triton
