@@ -37,7 +37,7 @@ CONFIGS = [
 SHAPES = [(64, 300), (8, 257), (16, 3, 3, 3), (7,), (), (40, 3)]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-              torch.int64: "i64", torch.uint8: "u8"}
+              torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8"}
 
 
 def capture_launches():
@@ -54,7 +54,8 @@ def capture_launches():
         return run
 
     for kernel in (triton_tables.reduce.reduce_kernel, triton_tables.reduce.finish_kernel,
-                   triton_tables.step.step_kernel):
+                   triton_tables.step.step_kernel, triton_backend.level_kernels.level_sums_kernel,
+                   triton_backend.level_kernels.level_update_kernel):
         kernel.run = recorder(kernel)
     triton_backend.unavailable_reason = lambda device: None  # captured, never launched
     for dtype in DTYPES:

@@ -82,7 +82,6 @@ enum class Direction { Adam, Sgd, Momentum, Nesterov };
 enum class Uprev { None, Adam, Stored };
 
 struct Hyper {
-  double grad_sign;     // -1 for maximize
   double weight_decay;  // coupled (L2) decay, folded into g; 0 if decoupled
   double decoupled_weight_decay;
   double beta1, beta2, eps;
@@ -95,6 +94,9 @@ struct Hyper {
 struct ReduceArgs {
   Tables tables;
   Hyper hyper;
+  // math-type device scalar: what the raw gradient is multiplied by before anything else,
+  // (-1 for maximize) / GradScaler's scale; read once per thread, never on the host
+  const void* grad_factor;
   Uprev uprev;
   bool param_sums;      // sums with the param level's rates (param_dot, param_sq)
   bool coupled_decay;   // g reads p
@@ -111,6 +113,7 @@ struct ReduceArgs {
 struct ApplyArgs {
   Tables tables;
   Hyper hyper;
+  const void* grad_factor;  // as in ReduceArgs
   Direction direction;
   bool param_level;
   // math-type device scalars / per-unit arrays from the level stage (StepCoefficients);
@@ -182,12 +185,15 @@ template <typename S> struct Convert {
 // The per-element code below has no branch on a per-call flag: a flag becomes a coefficient
 // that makes a term vanish exactly (x + 0 * y = x, x * 1 = x), which keeps the CPU loops
 // vectorised (GCC will not vectorise a select on a loop-invariant bool).
+// grad_factor is read from the op's device scalar (ReduceArgs / ApplyArgs) by whoever
+// builds the Coef: once per CPU op call, once per CUDA thread.
 template <typename T>
 struct Coef {
-  T grad_sign, weight_decay, decoupled_weight_decay, beta1, beta2, eps, momentum;
-  MLHD_HD explicit Coef(const Hyper& h)
-      : grad_sign(h.grad_sign), weight_decay(h.weight_decay), decoupled_weight_decay(h.decoupled_weight_decay),
-        beta1(h.beta1), beta2(h.beta2), eps(h.eps), momentum(h.momentum) {}
+  T grad_factor, weight_decay, decoupled_weight_decay, beta1, beta2, eps, momentum;
+  MLHD_HD Coef(const Hyper& h, const void* factor)
+      : grad_factor(*static_cast<const T*>(factor)), weight_decay(h.weight_decay),
+        decoupled_weight_decay(h.decoupled_weight_decay), beta1(h.beta1), beta2(h.beta2), eps(h.eps),
+        momentum(h.momentum) {}
 };
 
 // What one tensor's own step count implies (computed in double, once per chunk).
@@ -207,11 +213,12 @@ struct TensorStep {
   }
 };
 
-// SPEC step 1: g, negated for maximize, plus coupled weight decay (a select, not a
-// multiply by 0: an infinite p must not turn g into NaN when there is no decay).
+// SPEC step 1: the raw gradient times grad_factor (unscaled from GradScaler's scale and
+// negated for maximize), then plus coupled weight decay, which must see the unscaled g (a
+// select, not a multiply by 0: an infinite p must not turn g into NaN when there is no decay).
 template <typename T>
 MLHD_HD T effective_grad(T g, T p, const Coef<T>& k) {
-  g *= k.grad_sign;
+  g *= k.grad_factor;
   return k.weight_decay != 0 ? g + k.weight_decay * p : g;
 }
 

@@ -143,7 +143,9 @@ Operands prepare_operands(const OpLists& l, const at::Tensor& meta, at::Tensor& 
 // the pointer table in (ptr_mirror on the host, ptr_table on the device). State lists:
 // state_a / state_b are Adam's exp_avg / exp_avg_sq, or SGD's momentum_buffer /
 // prev_direction (empty lists where the configuration keeps none); param_rates is empty
-// without a param level.
+// without a param level. grad_factor: a one-element tensor of the math dtype on the device,
+// (-1 for maximize) / GradScaler's scale; the kernels multiply every raw gradient by it as
+// they read it (before coupled weight decay), and read it only on the device.
 TORCH_LIBRARY(multilevel_hd, m) {
   // Stage 1: per-unit sums of g*u_prev (and g^2, u_prev^2 when unit_sums has 3 rows) into
   // unit_sums[:, unit]; totals = (sum alpha_param*g*u_prev, sum (alpha_param*g)^2, 0 or NaN
@@ -151,14 +153,14 @@ TORCH_LIBRARY(multilevel_hd, m) {
   m.def(
       "reduce(Tensor[] params, Tensor[] grads, Tensor[] state_a, Tensor[] state_b, Tensor[] param_rates, "
       "Tensor[] steps, Tensor meta, Tensor(a!) ptr_mirror, Tensor(b!) ptr_table, int num_slots, str direction, "
-      "bool hypergrad_sums, bool param_sums, float grad_sign, float coupled_weight_decay, float beta1, "
+      "bool hypergrad_sums, bool param_sums, Tensor grad_factor, float coupled_weight_decay, float beta1, "
       "float beta2, float eps, Tensor(c!) unit_sums, Tensor(d!) totals) -> ()");
   // Stage 3: the elementwise pass with the level stage's coefficients; does nothing at all
   // when gate is 0 (a skipped step).
   m.def(
       "apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_a, Tensor(c!)[] state_b, "
       "Tensor(d!)[] param_rates, Tensor(e!)[] steps, Tensor meta, Tensor(f!) ptr_mirror, Tensor(g!) ptr_table, "
-      "str direction, float grad_sign, float coupled_weight_decay, float decoupled_weight_decay, float beta1, "
+      "str direction, Tensor grad_factor, float coupled_weight_decay, float decoupled_weight_decay, float beta1, "
       "float beta2, float eps, float momentum, float dampening, Tensor gate, Tensor hd_gate, Tensor kappa_units, "
       "Tensor? param_kappa, Tensor? param_hd, Tensor? param_parent, bool multiplicative, float shrinkage, "
       "float rate_min, float rate_max) -> ()");

@@ -41,8 +41,8 @@ template <class Runner>
 void reduce_op(at::TensorList params, at::TensorList grads, at::TensorList state_a, at::TensorList state_b,
                at::TensorList param_rates, at::TensorList steps, const at::Tensor& meta, at::Tensor& ptr_mirror,
                at::Tensor& ptr_table, int64_t num_slots, std::string_view direction, bool hypergrad_sums,
-               bool param_sums, double grad_sign, double coupled_weight_decay, double beta1, double beta2,
-               double eps, at::Tensor& unit_sums, at::Tensor& totals) {
+               bool param_sums, const at::Tensor& grad_factor, double coupled_weight_decay, double beta1,
+               double beta2, double eps, at::Tensor& unit_sums, at::Tensor& totals) {
   Operands ops = prepare_operands({params, grads, state_a, state_b, param_rates, steps}, meta, ptr_mirror,
                                   ptr_table, num_slots, /*writes=*/false);
   TORCH_CHECK(unit_sums.dim() == 2 && (unit_sums.size(0) == 1 || unit_sums.size(0) == 3) &&
@@ -52,7 +52,7 @@ void reduce_op(at::TensorList params, at::TensorList grads, at::TensorList state
               "reduce: totals must be a 3-element tensor of the parameters' math dtype and device");
   ReduceArgs a{};
   a.tables = ops.tables;
-  a.hyper.grad_sign = grad_sign;
+  a.grad_factor = scalar_data(grad_factor, ops.math, "grad_factor");
   a.hyper.weight_decay = coupled_weight_decay;
   a.hyper.beta1 = beta1;
   a.hyper.beta2 = beta2;
@@ -75,9 +75,10 @@ void reduce_op(at::TensorList params, at::TensorList grads, at::TensorList state
 template <class Runner>
 void apply_op(at::TensorList params, at::TensorList grads, at::TensorList state_a, at::TensorList state_b,
               at::TensorList param_rates, at::TensorList steps, const at::Tensor& meta, at::Tensor& ptr_mirror,
-              at::Tensor& ptr_table, std::string_view direction, double grad_sign, double coupled_weight_decay,
-              double decoupled_weight_decay, double beta1, double beta2, double eps, double momentum,
-              double dampening, const at::Tensor& gate, const at::Tensor& hd_gate, const at::Tensor& kappa_units,
+              at::Tensor& ptr_table, std::string_view direction, const at::Tensor& grad_factor,
+              double coupled_weight_decay, double decoupled_weight_decay, double beta1, double beta2, double eps,
+              double momentum, double dampening, const at::Tensor& gate, const at::Tensor& hd_gate,
+              const at::Tensor& kappa_units,
               const std::optional<at::Tensor>& param_kappa, const std::optional<at::Tensor>& param_hd,
               const std::optional<at::Tensor>& param_parent, bool multiplicative, double shrinkage,
               double rate_min, double rate_max) {
@@ -85,8 +86,9 @@ void apply_op(at::TensorList params, at::TensorList grads, at::TensorList state_
                                   ptr_table, /*num_slots=*/0, /*writes=*/true);
   ApplyArgs a{};
   a.tables = ops.tables;
-  a.hyper = {grad_sign, coupled_weight_decay, decoupled_weight_decay, beta1, beta2, eps, momentum,
-             dampening, multiplicative, shrinkage, rate_min, rate_max};
+  a.hyper = {coupled_weight_decay, decoupled_weight_decay, beta1, beta2, eps, momentum, dampening,
+             multiplicative, shrinkage, rate_min, rate_max};
+  a.grad_factor = scalar_data(grad_factor, ops.math, "grad_factor");
   a.direction = parse_direction(direction);
   a.param_level = !param_rates.empty();
   a.gate = scalar_data(gate, ops.math, "gate");

@@ -69,22 +69,28 @@ def tensor_pointers(pointers, tensor, n_tensors, P_DTYPE: tl.constexpr, ALIGNED:
 
 
 @triton.jit
-def effective_grad(
-    g, p, weight_decay, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr, SKIP_NONFINITE: tl.constexpr
-):
+def effective_grad(g, p, factor, weight_decay, COUPLED_WD: tl.constexpr, SKIP_NONFINITE: tl.constexpr):
     """SPEC step 1, then the non-finite guard's view of it: (g, finite).
 
+    `factor` is the group's grad factor, (-1 if maximize) / GradScaler's scale (a float32
+    scalar each program loads once from device memory, see `load_grad_factor`): the raw
+    gradient is unscaled before the coupled weight decay, which must see the true g.
     With the guard on, NaN/Inf are zeroed: that keeps every sum and every gated update
     finite when the step is skipped, and when nothing is zeroed the step proceeds with g
     unchanged. Without the guard they propagate, as in torch.optim."""
-    if MAXIMIZE:
-        g = -g
+    g = g * factor
     if COUPLED_WD:
         g = g + weight_decay * p
     finite = tl.abs(g) < float("inf")  # False for NaN as well
     if SKIP_NONFINITE:
         g = tl.where(finite, g, 0.0)
     return g, finite
+
+
+@triton.jit
+def load_grad_factor(grad_factor_ptr):
+    """The grad factor (a 0-d float32 device tensor: GroupJob.grad_factor), once per program."""
+    return tl.load(grad_factor_ptr).to(tl.float32)
 
 
 @triton.jit

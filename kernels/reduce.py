@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    ADAM, ROLE_STEP, adam_direction, bias_correction, effective_grad, tensor_meta, tensor_pointers,
+    ADAM, ROLE_STEP, adam_direction, bias_correction, effective_grad, load_grad_factor, tensor_meta,
+    tensor_pointers,
 )
 
 TILE = tl.constexpr(4096)  # elements per reduction program
@@ -42,8 +43,8 @@ FINISH_PIECES = tl.constexpr(32)
 @triton.jit
 def _reduce_tile(
     chunk, tensor, first_piece, pointers, table, n_tensors, sums, sums_stride, partials,
-    n_chunks, weight_decay, log_beta1, log_beta2, eps,
-    P_DTYPE: tl.constexpr, KIND: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr,
+    n_chunks, grad_factor, weight_decay, log_beta1, log_beta2, eps,
+    P_DTYPE: tl.constexpr, KIND: tl.constexpr, COUPLED_WD: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr, NEED_SUMS: tl.constexpr, MULTIPLICATIVE: tl.constexpr,
     PARAM_SUMS: tl.constexpr, STRIDED: tl.constexpr, ALIGNED: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, ROW4: tl.constexpr,
@@ -76,7 +77,7 @@ def _reduce_tile(
     p = g  # read only for coupled weight decay
     if COUPLED_WD:
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g, finite = effective_grad(g, p, weight_decay, MAXIMIZE, COUPLED_WD, SKIP_NONFINITE)
+    g, finite = effective_grad(g, p, grad_factor, weight_decay, COUPLED_WD, SKIP_NONFINITE)
     tl.store(partials + PARTIAL_BAD * n_chunks + chunk, tl.sum(tl.where(finite, 0.0, 1.0)))
     if NEED_SUMS:
         u = tl.load(s1_ptr + offs, mask=mask, other=0.0)  # SGD: u_prev itself; Adam: m
@@ -104,14 +105,16 @@ def _reduce_tile(
 @triton.jit
 def reduce_kernel(
     chunks, n_bucket_chunks, chunk_base, pointers, table, n_tensors, sums, sums_stride, partials,
-    n_chunks, weight_decay, log_beta1, log_beta2, eps,
-    P_DTYPE: tl.constexpr, KIND: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr,
+    n_chunks, grad_factor_ptr, weight_decay, log_beta1, log_beta2, eps,
+    P_DTYPE: tl.constexpr, KIND: tl.constexpr, COUPLED_WD: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr, NEED_SUMS: tl.constexpr, MULTIPLICATIVE: tl.constexpr,
     PARAM_SUMS: tl.constexpr, STRIDED: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """One program per chunk of the bucket's chunk table (one dtype of the group); its
-    partials go to column chunk_base + program of the group's partials."""
+    partials go to column chunk_base + program of the group's partials. grad_factor_ptr:
+    the 0-d float32 grad factor (maximize's sign over GradScaler's scale)."""
     pid = tl.program_id(0)
+    grad_factor = load_grad_factor(grad_factor_ptr)
     tensor = tl.load(chunks + CHUNK_TENSOR * n_bucket_chunks + pid)
     first_piece = tl.load(chunks + CHUNK_FIRST * n_bucket_chunks + pid)
     cls = tl.load(chunks + CHUNK_CLASS * n_bucket_chunks + pid)
@@ -119,21 +122,21 @@ def reduce_kernel(
     if cls == CLASS_NARROW:
         _reduce_tile(
             chunk, tensor, first_piece, pointers, table, n_tensors, sums, sums_stride, partials,
-            n_chunks, weight_decay, log_beta1, log_beta2, eps, P_DTYPE, KIND, MAXIMIZE, COUPLED_WD,
+            n_chunks, grad_factor, weight_decay, log_beta1, log_beta2, eps, P_DTYPE, KIND, COUPLED_WD,
             SKIP_NONFINITE, NEED_SUMS, MULTIPLICATIVE, PARAM_SUMS, STRIDED, ALIGNED,
             TILE // NARROW, NARROW, False,
         )
     elif cls == CLASS_WIDE:
         _reduce_tile(
             chunk, tensor, first_piece, pointers, table, n_tensors, sums, sums_stride, partials,
-            n_chunks, weight_decay, log_beta1, log_beta2, eps, P_DTYPE, KIND, MAXIMIZE, COUPLED_WD,
+            n_chunks, grad_factor, weight_decay, log_beta1, log_beta2, eps, P_DTYPE, KIND, COUPLED_WD,
             SKIP_NONFINITE, NEED_SUMS, MULTIPLICATIVE, PARAM_SUMS, STRIDED, ALIGNED,
             TILE // WIDE, WIDE, False,
         )
     else:
         _reduce_tile(
             chunk, tensor, first_piece, pointers, table, n_tensors, sums, sums_stride, partials,
-            n_chunks, weight_decay, log_beta1, log_beta2, eps, P_DTYPE, KIND, MAXIMIZE, COUPLED_WD,
+            n_chunks, grad_factor, weight_decay, log_beta1, log_beta2, eps, P_DTYPE, KIND, COUPLED_WD,
             SKIP_NONFINITE, NEED_SUMS, MULTIPLICATIVE, PARAM_SUMS, STRIDED, ALIGNED,
             TILE // WIDE, WIDE, True,
         )
@@ -169,12 +172,15 @@ def _finish_units(long_units, n_long, max_pieces, sums, sums_stride, MULTIPLICAT
 
 @triton.jit
 def _finish_group(
-    partials, n_chunks, pointers, n_tensors, finite_out, param_sums, old_steps,
+    partials, n_chunks, pointers, n_tensors, finite_out, param_sums, old_steps, found_inf_ptr,
     MULTIPLICATIVE: tl.constexpr, PARAM_SUMS: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
 ):
     """The group-wide scalars, summed over the programs' partials in program order; then
     every parameter's step count moves by the gate, its old value kept for the step pass
-    (which must not read a count that another of its programs may already have moved)."""
+    (which must not read a count that another of its programs may already have moved).
+    The gate is the level stage's: 0 for a non-finite g (with the guard on) and for
+    GradScaler's found_inf > 0 (a float32 0-d tensor, HAS_FOUND_INF)."""
     bad = 0.0
     dot = 0.0
     sq = 0.0
@@ -196,6 +202,8 @@ def _finish_group(
     gate = 1.0
     if SKIP_NONFINITE:
         gate = finite.to(tl.float32)
+    if HAS_FOUND_INF:
+        gate = tl.where(tl.load(found_inf_ptr) > 0.0, 0.0, gate)
     i = 0
     while i < n_tensors:
         idx = i + tl.arange(0, FINISH_BLOCK)
@@ -211,8 +219,9 @@ def _finish_group(
 @triton.jit
 def finish_kernel(
     long_units, n_long, max_pieces, sums, sums_stride, partials, n_chunks, pointers, n_tensors,
-    finite_out, param_sums, old_steps,
+    finite_out, param_sums, old_steps, found_inf_ptr,
     MULTIPLICATIVE: tl.constexpr, PARAM_SUMS: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
 ):
     """Programs 0 .. cdiv(n_long, FINISH_UNITS) - 1 finish the long units; the last one the
     group-wide scalars and the step counts."""
@@ -220,6 +229,6 @@ def finish_kernel(
         _finish_units(long_units, n_long, max_pieces, sums, sums_stride, MULTIPLICATIVE)
     else:
         _finish_group(
-            partials, n_chunks, pointers, n_tensors, finite_out, param_sums, old_steps,
-            MULTIPLICATIVE, PARAM_SUMS, SKIP_NONFINITE,
+            partials, n_chunks, pointers, n_tensors, finite_out, param_sums, old_steps, found_inf_ptr,
+            MULTIPLICATIVE, PARAM_SUMS, SKIP_NONFINITE, HAS_FOUND_INF,
         )

@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    ADAM, adam_direction, bias_correction, effective_grad, tensor_meta, tensor_pointers, to_dtype,
+    ADAM, adam_direction, bias_correction, effective_grad, load_grad_factor, tensor_meta, tensor_pointers,
+    to_dtype,
 )
 
 BLOCK = tl.constexpr(2048)
@@ -27,11 +28,11 @@ CHUNK_COLS = 2
 
 @triton.jit
 def _step_block(
-    tensor, start, numel, row_len, unit_offset, unit_stride, pointers, n_tensors, old_steps,
+    tensor, start, numel, row_len, unit_offset, unit_stride, pointers, n_tensors, old_steps, grad_factor,
     hd_gate_ptr, kappa_units, kappa_stride, param_kappa_ptr, param_hd_ptr, parent_ptr, parent_stride,
     weight_decay, beta1, beta2, log_beta1, log_beta2, eps, momentum, dampening, shrink, lo, hi,
     P_DTYPE: tl.constexpr, KIND: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+    COUPLED_WD: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, HAS_PARAM: tl.constexpr, MULTIPLICATIVE: tl.constexpr,
     SHRINK: tl.constexpr, CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr, PER_UNIT: tl.constexpr,
     STRIDED: tl.constexpr, ALIGNED: tl.constexpr, FULL: tl.constexpr,
@@ -47,7 +48,7 @@ def _step_block(
     p_ptr, s1_ptr, s2_ptr, rate_ptr = p_ptr + offs, s1_ptr + offs, s2_ptr + offs, rate_ptr + offs
     p = tl.load(p_ptr, mask=mask, other=other).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=other)
-    g, _ = effective_grad(g.to(tl.float32), p, weight_decay, MAXIMIZE, COUPLED_WD, SKIP_NONFINITE)
+    g, _ = effective_grad(g.to(tl.float32), p, grad_factor, weight_decay, COUPLED_WD, SKIP_NONFINITE)
     old_step = tl.load(old_steps + tensor)
 
     # The base direction u (SPEC section 3) and, for the param level, u_prev.
@@ -129,11 +130,11 @@ def _step_block(
 
 @triton.jit
 def step_kernel(
-    chunks, n_bucket_chunks, pointers, table, n_tensors, old_steps, gate_ptr,
+    chunks, n_bucket_chunks, pointers, table, n_tensors, old_steps, gate_ptr, grad_factor_ptr,
     hd_gate_ptr, kappa_units, kappa_stride, param_kappa_ptr, param_hd_ptr, parent_ptr, parent_stride,
     weight_decay, beta1, beta2, log_beta1, log_beta2, eps, momentum, dampening, shrink, lo, hi,
     P_DTYPE: tl.constexpr, KIND: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+    COUPLED_WD: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, HAS_PARAM: tl.constexpr, MULTIPLICATIVE: tl.constexpr,
     SHRINK: tl.constexpr, CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr, PER_UNIT: tl.constexpr,
     STRIDED: tl.constexpr, ALIGNED: tl.constexpr,
@@ -143,21 +144,22 @@ def step_kernel(
     start = tl.multiple_of(tl.load(chunks + CHUNK_START * n_bucket_chunks + pid), BLOCK)
     numel, row_len, unit_offset, _, _, _, unit_stride = tensor_meta(table, tensor)
     if tl.load(gate_ptr) != 0.0:
+        grad_factor = load_grad_factor(grad_factor_ptr)  # maximize's sign over GradScaler's scale
         if start + BLOCK <= numel:
             _step_block(
                 tensor, start, numel, row_len, unit_offset, unit_stride, pointers, n_tensors, old_steps,
-                hd_gate_ptr, kappa_units, kappa_stride, param_kappa_ptr, param_hd_ptr, parent_ptr,
+                grad_factor, hd_gate_ptr, kappa_units, kappa_stride, param_kappa_ptr, param_hd_ptr, parent_ptr,
                 parent_stride, weight_decay, beta1, beta2, log_beta1, log_beta2, eps, momentum,
-                dampening, shrink, lo, hi, P_DTYPE, KIND, MOMENTUM, NESTEROV, MAXIMIZE, COUPLED_WD,
+                dampening, shrink, lo, hi, P_DTYPE, KIND, MOMENTUM, NESTEROV, COUPLED_WD,
                 SKIP_NONFINITE, DECOUPLED_WD, HAS_PARAM, MULTIPLICATIVE, SHRINK, CLAMP_LO, CLAMP_HI,
                 PER_UNIT, STRIDED, ALIGNED, True,
             )
         else:
             _step_block(
                 tensor, start, numel, row_len, unit_offset, unit_stride, pointers, n_tensors, old_steps,
-                hd_gate_ptr, kappa_units, kappa_stride, param_kappa_ptr, param_hd_ptr, parent_ptr,
+                grad_factor, hd_gate_ptr, kappa_units, kappa_stride, param_kappa_ptr, param_hd_ptr, parent_ptr,
                 parent_stride, weight_decay, beta1, beta2, log_beta1, log_beta2, eps, momentum,
-                dampening, shrink, lo, hi, P_DTYPE, KIND, MOMENTUM, NESTEROV, MAXIMIZE, COUPLED_WD,
+                dampening, shrink, lo, hi, P_DTYPE, KIND, MOMENTUM, NESTEROV, COUPLED_WD,
                 SKIP_NONFINITE, DECOUPLED_WD, HAS_PARAM, MULTIPLICATIVE, SHRINK, CLAMP_LO, CLAMP_HI,
                 PER_UNIT, STRIDED, ALIGNED, False,
             )

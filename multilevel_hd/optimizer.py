@@ -29,6 +29,10 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
     """Shared driver of MultiLevelSGD and MultiLevelAdam; `_kind` names the base optimizer."""
 
     _kind: str
+    # torch.amp.GradScaler hands step() its scale and found_inf as the attributes
+    # `grad_scale` and `found_inf` (0-d device tensors) instead of unscaling the grads in a
+    # pass of its own: the fused passes unscale as they read, and found_inf skips the step.
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: dict, sharding_group=None):
         # add_param_group (called by the base __init__) appends to these.

@@ -155,10 +155,10 @@ def _op_args(shapes=((3, 5), (4,)), param_level=False):
     units, ptrs = plan.layout.num_units, 6 * len(params)
     tables = (meta, torch.zeros(ptrs, dtype=torch.int64), torch.zeros(ptrs, dtype=torch.int64))
     lists = (params, grads, m, v, rates, steps)
-    reduce = (*lists, *tables, num_slots, "adam", True, param_level, 1.0, 0.0, 0.9, 0.999, 1e-8,
+    reduce = (*lists, *tables, num_slots, "adam", True, param_level, torch.tensor(1.0), 0.0, 0.9, 0.999, 1e-8,
               torch.zeros(3, units), torch.zeros(3))
     coef = (torch.tensor(2e-3), torch.tensor(0.05), torch.rand(units, generator=gen)) if param_level else (None,) * 3
-    apply = (*lists, *tables, "adam", 1.0, 0.0, 0.0, 0.9, 0.999, 1e-8, 0.0, 0.0, torch.tensor(1.0),
+    apply = (*lists, *tables, "adam", torch.tensor(1.0), 0.0, 0.0, 0.9, 0.999, 1e-8, 0.0, 0.0, torch.tensor(1.0),
              torch.tensor(1.0), torch.full((units,), 1e-3), *coef, True, 0.3, 0.0, math.inf)
     return reduce, apply
 

@@ -57,9 +57,8 @@ int64_t num_elements(const Tables& t) {
 
 // Stage 1 for chunks [c0, c1): three partials per segment, three per chunk.
 template <typename S, Uprev U, bool PARAM, bool WD>
-MLHD_VECTOR_CLONES void reduce_chunks(const ReduceArgs& a, int64_t c0, int64_t c1) {
+MLHD_VECTOR_CLONES void reduce_chunks(const ReduceArgs& a, const Coef<math_t<S>> k, int64_t c0, int64_t c1) {
   using T = math_t<S>;
-  const Coef<T> k(a.hyper);
   T* slots = static_cast<T*>(a.slot_partials);
   const int64_t num_slots = a.tables.num_slots;
   for (int64_t c = c0; c < c1; ++c) {
@@ -136,9 +135,8 @@ void finish_reduce(const ReduceArgs& a) {
 
 // Stage 3 for chunks [c0, c1).
 template <typename S, Direction D, bool PARAM>
-MLHD_VECTOR_CLONES void apply_chunks(const ApplyArgs& a, int64_t c0, int64_t c1) {
+MLHD_VECTOR_CLONES void apply_chunks(const ApplyArgs& a, const Coef<math_t<S>> k, int64_t c0, int64_t c1) {
   using T = math_t<S>;
-  const Coef<T> k(a.hyper);
   const StepScalars<T> sc(a);
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t* chunk = a.tables.chunks + c * kChunkFields;
@@ -165,9 +163,10 @@ struct CpuRunner {
     const int64_t chunks = a.tables.num_chunks, chunk_grain = grain(chunks, num_elements(a.tables));
     dispatch_dtype<c10::Half, c10::BFloat16>(dtype, [&](auto* tag) {
       using S = std::remove_pointer_t<decltype(tag)>;
+      const Coef<math_t<S>> k(a.hyper, a.grad_factor);  // grad_factor read once per call
       dispatch_reduce(a, [&](auto u, auto param, auto wd) {
         at::parallel_for(0, chunks, chunk_grain, [&](int64_t c0, int64_t c1) {
-          reduce_chunks<S, decltype(u)::value, decltype(param)::value, decltype(wd)::value>(a, c0, c1);
+          reduce_chunks<S, decltype(u)::value, decltype(param)::value, decltype(wd)::value>(a, k, c0, c1);
         });
       });
       finish_reduce<math_t<S>>(a);
@@ -179,9 +178,10 @@ struct CpuRunner {
     dispatch_dtype<c10::Half, c10::BFloat16>(dtype, [&](auto* tag) {
       using S = std::remove_pointer_t<decltype(tag)>;
       if (*static_cast<const math_t<S>*>(a.gate) == 0) return;  // a skipped step writes nothing
+      const Coef<math_t<S>> k(a.hyper, a.grad_factor);
       dispatch_apply(a, [&](auto direction, auto param) {
         at::parallel_for(0, chunks, chunk_grain, [&](int64_t c0, int64_t c1) {
-          apply_chunks<S, decltype(direction)::value, decltype(param)::value>(a, c0, c1);
+          apply_chunks<S, decltype(direction)::value, decltype(param)::value>(a, k, c0, c1);
         });
       });
       for (int64_t i = 0; i < a.tables.num_tensors; ++i) *pointer<float>(a.tables.ptrs + i * kPtrFields, kStep) += 1;

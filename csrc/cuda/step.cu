@@ -54,7 +54,7 @@ __device__ T block_sum(T v) {
 template <typename S, Uprev U, bool PARAM, bool WD>
 __global__ void __launch_bounds__(kThreads) reduce_kernel(ReduceArgs a) {
   using T = math_t<S>;
-  const Coef<T> k(a.hyper);
+  const Coef<T> k(a.hyper, a.grad_factor);  // each thread reads grad_factor once
   T* slots = static_cast<T*>(a.slot_partials);
   const int64_t c = blockIdx.x;
   const int64_t* chunk = a.tables.chunks + c * kChunkFields;
@@ -124,7 +124,7 @@ template <typename S, Direction D, bool PARAM>
 __global__ void __launch_bounds__(kThreads) apply_kernel(ApplyArgs a) {
   using T = math_t<S>;
   if (*static_cast<const T*>(a.gate) == 0) return;  // a skipped step writes nothing
-  const Coef<T> k(a.hyper);
+  const Coef<T> k(a.hyper, a.grad_factor);
   const StepScalars<T> sc(a);
   const int64_t* chunk = a.tables.chunks + blockIdx.x * kChunkFields;
   const int64_t* t = a.tables.tensors + chunk[kTensor] * kTensorFields;

@@ -2,14 +2,16 @@
 
 An installed build (`MLHD_BUILD_EXT=1 pip install -e . --no-build-isolation` makes
 multilevel_hd._C) is used when present; otherwise the sources in csrc/ are compiled with
-torch.utils.cpp_extension (ninja) into a fixed cache directory, so only the first process
-pays for the compilation. Where neither works, `load_error()` says why and the backends that
+torch.utils.cpp_extension (ninja) into a cache directory named after the sources' contents
+(`_build_dir`), so only the first process pays for the compilation, and an edit of any
+source builds afresh. Where neither works, `load_error()` says why and the backends that
 need the ops report themselves unavailable ("auto" then picks the torch backend).
 """
 from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -63,18 +65,34 @@ def _load() -> None:
         print(f"multilevel_hd: compiling the C++ extension into {build_dir} (first use only, 1-2 minutes)",
               file=sys.stderr, flush=True)
     cpp_extension.load(
-        name=NAME, sources=_csrc.sources(with_cuda), extra_cflags=_csrc.CXX_FLAGS,
-        extra_cuda_cflags=_csrc.NVCC_FLAGS, extra_ldflags=_csrc.LD_FLAGS, build_directory=build_dir, with_cuda=with_cuda,
+        # copies: load() appends to the flag lists it is given, and _build_dir hashes them
+        name=NAME, sources=_csrc.sources(with_cuda), extra_cflags=list(_csrc.CXX_FLAGS),
+        extra_cuda_cflags=list(_csrc.NVCC_FLAGS), extra_ldflags=list(_csrc.LD_FLAGS), build_directory=build_dir,
+        with_cuda=with_cuda,
         is_python_module=False,
     )
 
 
 def _build_dir(with_cuda: bool) -> str:
-    """One directory per torch version, Python version and flavour, kept across processes."""
+    """One directory per torch version, Python version, flavour and source contents, kept
+    across processes. The contents hash (every file under csrc/, and the flags) means a
+    library built from other sources (an older checkout, another working tree sharing the
+    cache) is never picked up, whatever the files' modification times say."""
     base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "multilevel_hd")
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{'cuda' if with_cuda else 'cpu'}"
-    return os.path.join(base, tag.replace("+", "_"))
+    return os.path.join(base, f"{tag}-{_sources_hash(with_cuda)}".replace("+", "_"))
+
+
+def _sources_hash(with_cuda: bool) -> str:
+    """A short digest of the C++/CUDA sources (headers included) and the build flags."""
+    digest = hashlib.sha256(repr((_csrc.CXX_FLAGS, _csrc.NVCC_FLAGS, _csrc.LD_FLAGS, with_cuda)).encode())
+    for path in sorted(glob.glob(os.path.join(_csrc.CSRC, "**", "*"), recursive=True)):
+        if os.path.isfile(path):
+            digest.update(os.path.relpath(path, _csrc.CSRC).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def _stale(library: str) -> bool:

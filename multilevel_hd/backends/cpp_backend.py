@@ -5,7 +5,9 @@ A step is the three stages of every fast backend, two of them compiled ops (csrc
 the param-level totals and the non-finite flag), the shared level stage
 (`multilevel_hd.levels.update_levels`), and `torch.ops.multilevel_hd.apply` (one pass:
 param-level rates, base direction and state, the parameter update). Nothing is read back
-to the host; the apply op itself skips a step whose gate is 0.
+to the host; the apply op itself skips a step whose gate is 0. Under torch.amp.GradScaler
+both ops multiply each raw gradient by `job.grad_factor` (a device scalar: sign / scale) as
+they read it, so the gradients are never unscaled in a pass of their own.
 
 The ops walk a launch table built once per plan (`_launch_table`): rows cut into
 segments, segments grouped into chunks of about `chunk` elements. The per-device sizes
@@ -113,12 +115,14 @@ def step(job: GroupJob) -> None:
         state_b = [st["prev_direction"] for st in states] if opts.stores_direction else []
     rates = [st["param_rate"] for st in states] if param_level else []
     steps = [st["step"] for st in states]
-    grad_sign = -1.0 if opts.maximize else 1.0
     coupled = 0.0 if opts.decoupled_weight_decay else opts.weight_decay
     decoupled = opts.weight_decay if opts.decoupled_weight_decay else 0.0
 
     buckets = _buckets(job, device)
     lists = [[_pick(x, b.index) for x in (job.params, job.grads, state_a, state_b, rates, steps)] for b in buckets]
+    # (-1 if maximize) / GradScaler's scale, in each bucket's math dtype: both passes multiply
+    # the raw gradient by it as they read it
+    factors = {dtype: job.grad_factor(dtype) for dtype in dict.fromkeys(b.math for b in buckets)}
 
     unit_sums = torch.zeros(3 if multiplicative else 1, plan.layout.num_units, dtype=acc, device=device)
     totals = torch.zeros(3, dtype=acc, device=device)
@@ -129,7 +133,7 @@ def step(job: GroupJob) -> None:
             b_sums = torch.zeros_like(unit_sums, dtype=b.math) if own else unit_sums
             b_totals = torch.zeros_like(totals, dtype=b.math) if own else totals
             ops.reduce(*args, b.meta, b.ptr_mirror, b.ptr_table, b.num_slots, direction, hypergrad_sums,
-                       param_level and opts.multi_level, grad_sign, coupled, opts.beta1, opts.beta2, opts.eps,
+                       param_level and opts.multi_level, factors[b.math], coupled, opts.beta1, opts.beta2, opts.eps,
                        b_sums, b_totals)
             if own:
                 unit_sums += b_sums
@@ -146,7 +150,7 @@ def step(job: GroupJob) -> None:
 
     lo, hi = opts.rate_bounds if opts.rate_bounds is not None else (None, None)
     for b, args in zip(buckets, lists):
-        ops.apply(*args, b.meta, b.ptr_mirror, b.ptr_table, direction, grad_sign, coupled, decoupled,
+        ops.apply(*args, b.meta, b.ptr_mirror, b.ptr_table, direction, factors[b.math], coupled, decoupled,
                   opts.beta1, opts.beta2, opts.eps, opts.momentum, opts.dampening, _as(c.gate, b.math),
                   _as(c.hd_gate, b.math), _as(c.kappa_units, b.math), _as(c.param_kappa, b.math),
                   _as(c.param_hd, b.math), _as(c.param_parent, b.math), multiplicative,

@@ -69,7 +69,7 @@ def step(job: GroupJob) -> None:
 
     for p, grad, st, lay in zip(job.params, job.grads, job.states, layouts):
         g = _effective_grad(p, grad, job)
-        if opts.skip_nonfinite:  # so that the gated arithmetic below stays finite
+        if opts.skip_nonfinite or job.found_inf is not None:  # the gated arithmetic below stays finite
             g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=_scratch("g", g))
         kappa = unit_view(coeffs.kappa_units, lay, p).to(g.dtype)
         if "param" in opts.levels:

@@ -1,0 +1,299 @@
+"""The triton backend's level stage (`triton_backend.level_stage`, two launches of
+`kernels/level_stage.py`) against the shared torch stage `multilevel_hd.levels.update_levels`,
+called directly on the same random inputs: random unit sums and group state, plans with
+tensors without gradients and 0-d/1-D/2-D/4-D tensors, every level subset and option that
+changes the stage's math. Outputs (the group state updated in place and the coefficients
+the step kernel reads) must agree to float32 rounding; two calls are bit-identical.
+
+Runs under the Triton interpreter on the CPU (conftest sets TRITON_INTERPRET=1), or on CUDA.
+"""
+import copy
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+import multilevel_hd as mlhd
+from conftest import DEVICE
+from multilevel_hd.backends import unavailable_reason
+from multilevel_hd.hierarchy import GroupLayout, StepPlan
+from multilevel_hd.levels import UnitSums, update_levels
+from multilevel_hd.options import resolve
+from multilevel_hd.state import GroupJob, new_group_state
+
+# the interpreter computes both sides of a `where` (a 0/0 it then discards)
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in (divide|multiply):RuntimeWarning")
+
+if unavailable_reason("triton", DEVICE) is not None:
+    pytest.skip(f"triton backend: {unavailable_reason('triton', DEVICE)}", allow_module_level=True)
+
+from multilevel_hd.backends import triton_backend  # noqa: E402  (needs triton)
+
+ALL = ("global", "layer", "unit", "param")
+# (shapes, indices of the tensors with a gradient)
+PLAN_MIXED = (((3,), (), (2, 4), (2, 1, 2, 2), (5, 3), (4,)), (0, 2, 4))  # 0-d and 4-D without grad
+PLAN_ALL = (((), (3,), (2, 4), (2, 1, 2, 2)), (0, 1, 2, 3))
+PLAN_ONE = (((6, 2),), (0,))
+# 2,140 units in 1,024-unit blocks (three programs), a layer longer than one block
+PLAN_WIDE = (((1100,), (3, 2), (1030, 2), (7,)), (0, 1, 2))
+LR = 0.01
+
+
+def _options(levels, lr_scale=1.0, **kw):
+    """GroupOptions as the optimizer resolves them."""
+    multiplicative = kw.get("hypergrad_rule") == "multiplicative"
+    if kw.get("hypergrad_lr") is None:
+        kw["hypergrad_lr"] = 0.05 if multiplicative else 2e-3
+    kw.setdefault("combination_lr", 0.5 if multiplicative else 20.0)
+    opt = mlhd.MultiLevelSGD([torch.zeros(2, requires_grad=True)], lr=LR, levels=levels, backend="torch", **kw)
+    group = opt.param_groups[0]
+    group["lr"] = LR * lr_scale  # an LR scheduler's factor: lr / initial_lr
+    return resolve(group, "sgd")
+
+
+def _inputs(opts, plan_spec, seed=0, t_old=3.0, finite=True, found_inf=None, zero_q=False, nan=False):
+    """A random job (group state, as after some steps) and random unit sums."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes, active = plan_spec
+    layout = GroupLayout.of([torch.empty(s) for s in shapes])
+    plan = StepPlan(layout, active)
+    gs = new_group_state(opts, layout, "cpu", torch.float32)
+
+    def rand(*shape, lo=0.5, hi=1.5):
+        return lo + (hi - lo) * torch.rand(shape, generator=gen)
+
+    gs["step"].fill_(t_old)
+    gs["skipped"].fill_(2)
+    gs["lr_scale"].fill_(float(rand(1, lo=0.5, hi=2.0)))
+    w = rand(len(opts.levels))
+    gs["weights"].copy_(w / w.sum())
+    for key in ("rate_global", "rate_layer", "rate_unit"):
+        if key in gs:
+            gs[key].copy_(LR * rand(*gs[key].shape))
+    gs["applied_scale"].copy_(rand(*gs["applied_scale"].shape))
+    gs["applied_offset"].copy_(LR * rand(*gs["applied_offset"].shape))
+    units = layout.num_units
+    # (the reduction leaves the units of tensors without gradient at 0; random here: both
+    # stages must treat any input alike, and their rates must not move anyway)
+    sums = UnitSums(s=torch.randn(units, generator=gen), finite=torch.tensor(finite))
+    if opts.rule == "multiplicative":
+        sums.qg, sums.qu = rand(units, lo=0.0, hi=4.0), rand(units, lo=0.0, hi=4.0)
+        if zero_q:  # the cosine is 0 where Qg * Qu is 0
+            sums.qg[::3] = 0.0
+            sums.qu[1::4] = 0.0
+    if "param" in opts.levels and opts.multi_level:
+        sums.param_dot, sums.param_sq = torch.randn((), generator=gen) * LR, rand(1, lo=0.0, hi=1.0)[0] * LR**2
+    if nan:
+        sums.s[1] = float("nan")
+    gs = {k: v.to(DEVICE) for k, v in gs.items()}
+    sums = UnitSums(**{k: None if v is None else v.to(DEVICE) for k, v in vars(sums).items()})
+    if found_inf is not None:
+        found_inf = torch.tensor(found_inf, device=DEVICE)
+    return GroupJob(opts, plan, [], [], [], gs, found_inf=found_inf), sums
+
+
+def _run(stage, job, sums):
+    """Run `stage` on a copy of the job's group state; (group state, coefficients), on the CPU."""
+    job = copy.copy(job)
+    job.group_state = {k: v.clone() for k, v in job.group_state.items()}
+    coeffs = stage(job, sums)
+    out = {f"coeffs.{k}": v.clone().cpu() for k, v in vars(coeffs).items() if v is not None}
+    out.update({k: v.cpu() for k, v in job.group_state.items()})
+    return out
+
+
+def _assert_matches(job, sums):
+    want = _run(update_levels, job, sums)
+    got = _run(triton_backend.level_stage, job, sums)
+    assert sorted(got) == sorted(want)
+    for key, ref in want.items():
+        val = got[key]
+        assert val.shape == ref.shape and val.dtype == ref.dtype, key
+        if key in ("step", "skipped", "coeffs.gate", "coeffs.hd_gate"):
+            assert torch.equal(val, ref), (key, val, ref)
+        else:  # float32 rounding, relative to the tensor's magnitude
+            scale = ref[ref.isfinite()].abs().max().item() if ref.isfinite().any() else 0.0
+            torch.testing.assert_close(val, ref, rtol=2e-6, atol=2e-7 * scale, equal_nan=True,
+                                       msg=lambda m: f"{key}: {m}")
+    return want, got
+
+
+SUBSETS = [levels for r in range(1, 5) for levels in itertools.combinations(ALL, r)]
+
+
+@pytest.mark.parametrize("rule", ["additive", "multiplicative"])
+@pytest.mark.parametrize("levels", SUBSETS, ids="+".join)
+def test_level_subsets(levels, rule):
+    opts = _options(levels, hypergrad_rule=rule)
+    job, sums = _inputs(opts, PLAN_MIXED, seed=len(levels))
+    want, _ = _assert_matches(job, sums)
+    before = job.group_state
+    for key in ("rate_global", "rate_layer", "rate_unit"):  # not vacuous: the rates moved
+        if key in want:
+            assert not torch.allclose(want[key], before[key].cpu(), rtol=1e-4, atol=0), key
+    if len(levels) > 1:
+        assert not torch.allclose(want["weights"], before["weights"].cpu(), rtol=1e-4, atol=0)
+
+
+OPTION_CASES = {
+    # scaling, shrinkage on each level toward each possible parent (both lerp formulas)
+    "scaling-none": dict(levels=ALL, hypergrad_scaling="none"),
+    "shrink-layer": dict(levels=ALL, shrinkage={"layer": 0.3}),
+    "shrink-unit-to-layer": dict(levels=ALL, shrinkage={"unit": 0.7}),
+    "shrink-unit-to-global": dict(levels=("unit", "global"), shrinkage={"unit": 0.4}),
+    "shrink-param-to-unit": dict(levels=ALL, shrinkage={"param": 0.3}),
+    "shrink-param-to-layer": dict(levels=("param", "layer"), shrinkage={"param": 0.6}),
+    "shrink-param-to-global": dict(levels=("global", "param"), shrinkage={"param": 0.5}),
+    "shrink-all": dict(levels=("param", "layer", "unit", "global"),
+                       shrinkage={"layer": 0.5, "unit": 0.2, "param": 0.8}),
+    "shrink-all-mult": dict(levels=ALL, shrinkage={"layer": 0.6, "unit": 0.3, "param": 0.2},
+                            hypergrad_rule="multiplicative"),
+    # rate bounds: the default (0, None) binds with big steps; None; (lo, hi); (None, hi)
+    "bounds-default-binds": dict(levels=ALL, hypergrad_lr=2e-2),
+    "bounds-none": dict(levels=ALL, rate_bounds=None, hypergrad_lr=2e-2),
+    "bounds-lohi": dict(levels=ALL, rate_bounds=(0.008, 0.0115)),
+    "bounds-hi-only": dict(levels=ALL, rate_bounds=(None, 0.0105), hypergrad_lr=2e-2),
+    "bounds-lohi-mult": dict(levels=ALL, rate_bounds=(0.0095, 0.0105), hypergrad_rule="multiplicative"),
+    # annealing, an LR scheduler's factor, per-level betas, weights collapsing to uniform
+    "hd-decay": dict(levels=ALL, hd_decay=0.05, final_lr=0.003),
+    "hd-decay-mult": dict(levels=("global", "unit"), hd_decay=0.2, hypergrad_rule="multiplicative"),
+    "lr-scale": dict(levels=ALL, lr_scale=0.3),
+    "lr-scale-decay-mult": dict(levels=ALL, lr_scale=2.5, hd_decay=0.1, hypergrad_rule="multiplicative"),
+    "beta-per-level": dict(levels=ALL, hypergrad_lr={"global": 1e-3, "layer": 0.0, "unit": 5e-3, "param": 1e-4}),
+    "weights-all-zero": dict(levels=("global", "layer"), combination_lr=1e6),
+    "weights-one-zero-mult": dict(levels=ALL, hypergrad_rule="multiplicative", combination_lr=0.99),
+    "no-weight-motion": dict(levels=ALL, combination_lr=0.0),
+}
+
+
+@pytest.mark.parametrize("name", OPTION_CASES)
+def test_options(name):
+    kw = dict(OPTION_CASES[name])
+    opts = _options(kw.pop("levels"), **kw)
+    job, sums = _inputs(opts, PLAN_MIXED, seed=7, zero_q=True)
+    want, _ = _assert_matches(job, sums)
+    if name == "weights-all-zero":  # not vacuous: the clamped weights summed to 0
+        assert torch.equal(want["weights"], torch.full((2,), 0.5))
+    if name == "bounds-default-binds":
+        assert (want["rate_unit"] == 0).any()
+
+
+GATES = {  # (t before the step, finite flag, found_inf, skip_nonfinite) -> the gate and t >= 2
+    "t1": (0.0, True, None, True),
+    "t2": (1.0, True, None, True),
+    "nonfinite": (4.0, False, None, True),
+    "nonfinite-t1": (0.0, False, None, True),
+    "found-inf": (4.0, True, 1.0, True),
+    "found-inf-zero": (4.0, True, 0.0, True),
+    "found-inf-no-guard": (4.0, True, 2.0, False),
+    "nonfinite-no-guard": (4.0, False, 0.0, False),
+}
+
+
+@pytest.mark.parametrize("rule", ["additive", "multiplicative"])
+@pytest.mark.parametrize("name", GATES)
+def test_gates(name, rule):
+    t_old, finite, found_inf, guard = GATES[name]
+    opts = _options(ALL, hypergrad_rule=rule, skip_nonfinite=guard, shrinkage={"param": 0.3, "unit": 0.2})
+    job, sums = _inputs(opts, PLAN_MIXED, seed=3, t_old=t_old, finite=finite, found_inf=found_inf)
+    want, got = _assert_matches(job, sums)
+    gate = (finite or not guard) and not found_inf
+    assert got["coeffs.gate"].item() == float(gate)
+    assert got["coeffs.hd_gate"].item() == float(gate and t_old + 1 >= 2)
+    before = {k: v.cpu() for k, v in job.group_state.items()}
+    if not gate:  # skipped: the state is bit-identical, the skip counter grew
+        assert got["skipped"].item() == before["skipped"].item() + 1
+        for key, value in before.items():
+            if key != "skipped":
+                assert torch.equal(got[key], value), key
+        assert not got["coeffs.kappa_units"].any() and got["coeffs.param_parent"].isfinite().all()
+    elif t_old + 1 < 2:  # t = 1: the rates and weights keep their initial values
+        for key in ("weights", "rate_global", "rate_layer", "rate_unit"):
+            assert torch.equal(got[key], before[key]), key
+
+
+def test_nonfinite_sums_without_guard_propagate_like_torch():
+    """skip_nonfinite=False: a NaN sum proceeds; NaN rates (the clamp keeps NaN) and weights
+    that fall back to uniform, exactly as the torch stage does."""
+    opts = _options(ALL, skip_nonfinite=False)
+    job, sums = _inputs(opts, PLAN_MIXED, seed=5, nan=True)
+    want, _ = _assert_matches(job, sums)
+    assert want["rate_unit"].isnan().any() and want["rate_global"].isnan()
+
+
+@pytest.mark.parametrize("rule", ["additive", "multiplicative"])
+@pytest.mark.parametrize("plan", ["all", "one", "wide"])
+def test_plans(plan, rule):
+    spec = {"all": PLAN_ALL, "one": PLAN_ONE, "wide": PLAN_WIDE}[plan]
+    opts = _options(ALL, hypergrad_rule=rule, shrinkage={"unit": 0.3, "param": 0.4},
+                    hypergrad_lr=2e-4 if plan == "wide" and rule == "additive" else None)
+    job, sums = _inputs(opts, spec, seed=11)
+    _assert_matches(job, sums)
+
+
+@pytest.mark.parametrize("t_old", [0.0, 1.0, 5.0])
+def test_many_programs(monkeypatch, t_old):
+    """Blocks of 16 units and layers: 40 tensors (one without gradient) and 89 units over
+    several programs of each launch; the sums of a layer span several blocks of units. Every
+    program must read the old t, lr_scale, weights and rates, whatever the others wrote."""
+    monkeypatch.setattr(triton_backend.level_kernels, "MAX_BLOCK", 16)
+    monkeypatch.setattr(triton_backend.level_kernels, "SUMS_TILE", 64)  # [4, 16] tiles: 10 programs
+    shapes = tuple([(2, 3)] * 30 + [(), (20,)] + [(1, 2, 1, 1)] * 8)
+    spec = (shapes, tuple(i for i in range(len(shapes)) if i != 5))
+    for rule in ("additive", "multiplicative"):
+        opts = _options(("unit", "global", "layer", "param"), hypergrad_rule=rule, hd_decay=0.1, lr_scale=1.5,
+                        shrinkage={"unit": 0.3, "layer": 0.2, "param": 0.1})
+        job, sums = _inputs(opts, spec, seed=13, t_old=t_old)
+        lt_key = ("triton_levels", job.group_state["weights"].device)
+        _assert_matches(job, sums)
+        tables = job.plan.cached(lt_key, lambda: None)
+        assert tables.grid > 1 and tables.sums_layers < tables.num_layers and tables.sums_block < tables.max_units
+
+
+def test_two_calls_are_bit_identical():
+    opts = _options(ALL, hypergrad_rule="multiplicative", shrinkage={"unit": 0.3, "param": 0.4})
+    job, sums = _inputs(opts, PLAN_WIDE, seed=17, zero_q=True)
+    first = _run(triton_backend.level_stage, job, sums)
+    second = _run(triton_backend.level_stage, job, sums)
+    for key, value in first.items():
+        assert torch.equal(value, second[key]), key
+
+
+def _sgd_params(count):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(2, 3) if i % 2 else (4,) for i in range(count)]
+    return [torch.randn(shape, generator=gen).to(DEVICE).requires_grad_() for shape in shapes]
+
+
+def test_backend_uses_the_level_stage(monkeypatch):
+    """A step of the triton backend runs the two level-stage launches, not the torch stage."""
+    def refuse(job, sums):
+        raise AssertionError("update_levels called for an unsharded group")
+
+    monkeypatch.setattr(triton_backend, "update_levels", refuse)
+    params = _sgd_params(3)
+    opt = mlhd.MultiLevelSGD(params, lr=0.05, levels=ALL, backend="triton")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert triton_backend.launches_last_step == 3 + triton_backend.LEVEL_STAGE_LAUNCHES
+
+
+def test_sharded_group_keeps_the_torch_stage(monkeypatch):
+    """With a sharding_group the totals are all-reduced midway: update_levels runs."""
+    calls = []
+
+    def unsharded(job, sums):
+        calls.append(job.sharding_group)
+        return update_levels(dataclasses.replace(job, sharding_group=None), sums)
+
+    monkeypatch.setattr(triton_backend, "update_levels", unsharded)
+    params = _sgd_params(2)
+    opt = mlhd.MultiLevelSGD(params, lr=0.05, levels=ALL, backend="triton")
+    opt.sharding_group = "fake"
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert calls == ["fake"] and triton_backend.launches_last_step == 3
