@@ -101,6 +101,17 @@ class StepPlan:
             self._device_cache[key] = make()
         return self._device_cache[key]
 
+    def prepare(self, device, dtype) -> None:
+        """Make the level stage's device tables now. The optimizer calls this when it makes
+        the plan, outside any torch.compile'd code, so that a compiled step reads them as
+        inputs instead of creating them inside its graph (and recompiling at the next call)."""
+        self.unit_mask(device, dtype)
+        self.layer_mask(device, dtype)
+        for level in ("layer", "unit"):
+            self.size_scale(level, device, dtype)
+        self.units_per_layer(device)
+        self.layer_of_unit(device)
+
     def unit_mask(self, device, dtype) -> torch.Tensor:
         """1 for the units of tensors that step, 0 for the others (their rates must not move)."""
 
@@ -141,7 +152,8 @@ class StepPlan:
         """For each unit of the flat unit array, the index of its tensor (layer)."""
         return self.cached(
             ("layer_of_unit", device),
-            lambda: torch.repeat_interleave(
-                torch.arange(self.layout.num_layers), torch.tensor([t.units for t in self.layout.tensors])
+            lambda: torch.repeat_interleave(  # output_size: a static shape for torch.compile
+                torch.arange(self.layout.num_layers), torch.tensor([t.units for t in self.layout.tensors]),
+                output_size=self.layout.num_units,
             ).to(device),
         )

@@ -1,12 +1,22 @@
 """The optimizer classes: options, state, the state dict, rates(); `step()` hands each
-param group to a backend (`multilevel_hd.backends`) as a `GroupJob`."""
+param group to a backend (`multilevel_hd.backends`) as a `GroupJob`.
+
+torch.compile: a step is split into host-side preparation, `_init_group` (validation,
+options, plan, state creation, the backend), and the part that `torch.compile` traces
+(`_job` and the backend's step). Dynamo runs a torch.optim optimizer's `_init_group`
+eagerly when it traces `step()` instead of tracing it, as it does for torch.optim's own
+optimizers, so state tensors are real tensors (graph inputs) rather than tensors created
+inside the graph, and a step traced this way needs no recompilation at the second call.
+"""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from . import backends
 from .hierarchy import GroupLayout, StepPlan
-from .options import DEFAULT_LEVELS, resolve, validate_group
+from .options import DEFAULT_LEVELS, check_nonnegative, lr_scale, resolve, validate_group
 from .reference import applied_rate, rate_view
 from .state import (
     GroupJob,
@@ -16,6 +26,7 @@ from .state import (
     group_state_shapes,
     new_group_state,
     new_param_state,
+    sign_tensor,
 )
 
 _HD_DEFAULTS = dict(
@@ -39,6 +50,10 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         self.group_states: list = []  # per group: None until its first step, then a dict
         self._layouts: list[GroupLayout] = []
         self._plans: list = []
+        self._options: list = []  # per group: (option key, GroupOptions) of the last step
+        self._backends: list = []  # per group: the backend module of the last step
+        # what `_option_key` compares: every option but lr, and the scheduler's base lr
+        self._option_names = tuple(k for k in defaults if k != "lr") + ("initial_lr",)
         self.sharding_group = sharding_group
         super().__init__(params, defaults)
 
@@ -61,6 +76,16 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         self.group_states.append(None)
         self._layouts.append(GroupLayout.of(group["params"]))
         self._plans.append(None)
+        self._options.append(None)
+        self._backends.append(None)
+        # Resolve (import, load) the backend now, outside any torch.compile'd step: after
+        # this, finding it is a dictionary read that Dynamo traces (importlib is not).
+        # A backend that cannot run raises at step(), as before.
+        if group["params"]:
+            try:
+                backends.resolve_backend(group["backend"], group["params"][0].device)
+            except RuntimeError:
+                pass
 
     # -- one step -------------------------------------------------------------------
     @torch.no_grad()
@@ -70,15 +95,19 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            job = self._job(index, group)
-            if job is not None:
-                backend = backends.resolve_backend(group["backend"], job.params[0].device)
-                backends.get(backend).step(job)
+            active = self._init_group(group, index)
+            if active:
+                self._backends[index].step(self._job(index, group, active))
         return loss
 
-    def _job(self, index: int, group: dict):
-        """Collect what a backend needs for this group's step; None if nothing steps."""
-        opts = resolve(group, self._kind)
+    def _init_group(self, group: dict, index: int) -> tuple:
+        """Everything host-side of a group's step: checks, options, plan, state, backend.
+
+        Returns the indices (in group order) of the parameters that step: those with a
+        gradient and at least one element. Under torch.compile Dynamo runs this method
+        eagerly (torch.optim's `_init_group` protocol), so nothing here is traced; what it
+        decides is guarded through what `_job` reads (the gradients, the cached objects).
+        """
         params = group["params"]
         active = tuple(j for j, p in enumerate(params) if p.grad is not None and p.numel() > 0)
         if not active:
@@ -87,10 +116,10 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     f"param group {index} has no gradient on this rank; with sharding_group every "
                     "rank must hold a parameter with a gradient in every param group"
                 )
-            return None
-        stepping = [params[j] for j in active]
-        device = stepping[0].device
-        for p in stepping:
+            return active
+        device = params[active[0]].device
+        for j in active:
+            p = params[j]
             if p.grad.is_sparse:
                 raise RuntimeError("multilevel_hd does not support sparse gradients")
             if p.device != device:
@@ -98,9 +127,8 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     f"all parameters of a param group must be on one device (level sums span "
                     f"the group); found {device} and {p.device}"
                 )
-        plan = self._plans[index]
-        if plan is None or plan.active != active:
-            plan = self._plans[index] = StepPlan(self._layouts[index], active)
+        opts = self._group_options(index, group)
+        self._backends[index] = backends.get(backends.resolve_backend(group["backend"], device))
         group_state = self.group_states[index]
         if group_state is None:
             group_state = self.group_states[index] = new_group_state(
@@ -108,12 +136,61 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             )
         elif group_state["weights"].numel() != len(opts.levels):
             raise ValueError("a param group's levels cannot change after its first step")
-        states = []
-        for p in stepping:
+        plan = self._plans[index]
+        if plan is None or plan.active != active:
+            plan = self._plans[index] = StepPlan(self._layouts[index], active)
+            plan.prepare(device, group_state["weights"].dtype)
+        for j in active:
+            p = params[j]
             if not self.state[p]:
                 self.state[p] = new_param_state(p, opts)
-            states.append(self.state[p])
-        return GroupJob(opts, plan, stepping, [p.grad for p in stepping], states, group_state,
+        if opts.maximize:
+            for j in active:
+                sign_tensor(plan, -1.0, device, compute_dtype(params[j].dtype))
+        return active
+
+    def _group_options(self, index: int, group: dict):
+        """The group's resolved options, resolved again only when an option changed (an LR
+        scheduler changing only `lr` costs a copy with the new `lr_scale`)."""
+        key = _option_key(group, self._option_names)
+        cached = self._options[index]
+        if cached is None or cached[0] != key:
+            cached = self._options[index] = (key, resolve(group, self._kind))
+        opts = cached[1]
+        scale = lr_scale(group["lr"], opts.lr)
+        if scale != opts.lr_scale:
+            check_nonnegative("lr", group["lr"])
+            opts = dataclasses.replace(opts, lr_scale=float(scale))
+            self._options[index] = (key, opts)
+        return opts
+
+    def _job(self, index: int, group: dict, active: tuple) -> GroupJob:
+        """What a backend needs for this group's step (the traced part under torch.compile)."""
+        key, opts = self._options[index]
+        if torch.compiler.is_compiling():
+            # `_init_group` ran only while Dynamo traced, so a later call must not find the
+            # options it resolved stale: comparing them here makes Dynamo guard on every
+            # option (a change recompiles, and the retrace resolves again) except `lr`. That
+            # one enters as a 0-d tensor made by tensor arithmetic, which Dynamo keeps
+            # symbolic after its first change, so an LR scheduler recompiles the step once,
+            # not at every step. (A float lr_scale would not do: torch.where and
+            # torch.tensor specialise a symbolic float, and torch 2.13's Inductor then
+            # baked one value without a guard.)
+            if _option_key(group, self._option_names) != key:
+                opts = resolve(group, self._kind)
+            if self._backends[index].name in _SCALAR_LR_SCALE:
+                scale = lr_scale(group["lr"], opts.lr)
+            else:
+                gs = self.group_states[index]
+                scale = torch.ones((), dtype=torch.float64, device=gs["step"].device)
+                if opts.lr > 0:
+                    scale = scale * group["lr"] / opts.lr
+                scale = scale.to(gs["step"].dtype)
+            opts = dataclasses.replace(opts, lr_scale=scale)
+        params = group["params"]
+        stepping = [params[j] for j in active]
+        return GroupJob(opts, self._plans[index], stepping, [p.grad for p in stepping],
+                        [self.state[p] for p in stepping], self.group_states[index],
                         grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
                         sharding_group=self.sharding_group)
 
@@ -195,6 +272,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                 {k: v.to(device=device, dtype=v.dtype if k == "skipped" else dtype, copy=True) for k, v in saved.items()}
             )
         self._plans = [None] * len(self.param_groups)
+        self._options = [None] * len(self.param_groups)
 
     def _check_state_dict(self, state_dict: dict) -> None:
         """Refuse a state dict that this optimizer's configuration cannot continue from."""
@@ -227,6 +305,25 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     k != "step" and tuple(v.shape) != tuple(p.shape) for k, v in saved.items()
                 )):
                     raise ValueError(f"saved state of a parameter of group {index} does not match its configuration")
+
+
+# Backends whose kernels take `GroupOptions.lr_scale` as a scalar argument: under
+# torch.compile they get a (possibly symbolic) float, the others a 0-d tensor (`_job`).
+_SCALAR_LR_SCALE = ("triton",)
+
+
+def _option_key(group: dict, names: tuple) -> tuple:
+    """The group's options `names` as a comparable tuple (dicts and lists as tuples). lr is
+    not among them: it enters a step only as lr / initial_lr (`_lr_scale`)."""
+    return tuple(_frozen(group.get(k)) for k in names)
+
+
+def _frozen(value):
+    if isinstance(value, dict):
+        return tuple((k, _frozen(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 class MultiLevelSGD(_MultiLevelOptimizer):

@@ -60,9 +60,14 @@ class GroupOptions:
         return self.kind == "sgd" and (self.momentum == 0 or self.nesterov)
 
 
-def _check_nonnegative(name, value):
+def check_nonnegative(name, value):
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+
+
+def lr_scale(lr, base_lr):
+    """An LR scheduler's factor: the group's lr now over its base lr (1 for a base of 0)."""
+    return lr / base_lr if base_lr > 0 else 1.0
 
 
 def _levels(group) -> tuple[str, ...]:
@@ -90,7 +95,7 @@ def _per_level(name, value, levels, default):
     else:
         out = {lv: default if value is None else value for lv in levels}
     for lv, v in out.items():
-        _check_nonnegative(f"{name}[{lv!r}]", v)
+        check_nonnegative(f"{name}[{lv!r}]", v)
     return out
 
 
@@ -103,16 +108,16 @@ def validate_group(group: dict, kind: str) -> None:
 
 def resolve(group: dict, kind: str) -> GroupOptions:
     levels = _levels(group)
-    _check_nonnegative("lr", group["lr"])
+    check_nonnegative("lr", group["lr"])
     # An LR scheduler (or a hand edit) changes group["lr"]; the rates learned at the base
     # lr stay, and the scheduler's factor scales the applied rate (README: LR schedulers).
     lr = group.get("initial_lr", group["lr"])
-    _check_nonnegative("initial_lr", lr)
-    lr_scale = group["lr"] / lr if lr > 0 else 1.0
-    _check_nonnegative("weight_decay", group["weight_decay"])
-    _check_nonnegative("hd_decay", group["hd_decay"])
+    check_nonnegative("initial_lr", lr)
+    scale = lr_scale(group["lr"], lr)
+    check_nonnegative("weight_decay", group["weight_decay"])
+    check_nonnegative("hd_decay", group["hd_decay"])
     final_lr = lr if group["final_lr"] is None else group["final_lr"]
-    _check_nonnegative("final_lr", final_lr)
+    check_nonnegative("final_lr", final_lr)
 
     rule, scaling = group["hypergrad_rule"], group["hypergrad_scaling"]
     if rule not in RULES:
@@ -130,7 +135,7 @@ def resolve(group: dict, kind: str) -> GroupOptions:
             delta = min(beta.values())
         else:  # moves the weights at the rates' relative pace; no pace to match at lr 0
             delta = min(beta.values()) / lr**2 if lr > 0 else 0.0
-    _check_nonnegative("combination_lr", delta)
+    check_nonnegative("combination_lr", delta)
 
     shrink_in = group["shrinkage"] or {}
     if not isinstance(shrink_in, dict):
@@ -160,7 +165,7 @@ def resolve(group: dict, kind: str) -> GroupOptions:
     if len(init) != len(levels):
         raise ValueError(f"init_weights needs {len(levels)} values (one per level), got {len(init)}")
     for v in init:
-        _check_nonnegative("init_weights", v)
+        check_nonnegative("init_weights", v)
     if not sum(init) > 0:
         raise ValueError("init_weights must have a positive sum")
     init = tuple(float(v) / sum(init) for v in init)
@@ -170,20 +175,20 @@ def resolve(group: dict, kind: str) -> GroupOptions:
         for name, b in (("betas[0]", beta1), ("betas[1]", beta2)):
             if not isinstance(b, numbers.Real) or not 0 <= b < 1:
                 raise ValueError(f"{name} must lie in [0, 1), got {b!r}")
-        _check_nonnegative("eps", group["eps"])
+        check_nonnegative("eps", group["eps"])
         momentum = dampening = 0.0
         nesterov, eps, decoupled = False, group["eps"], group["decoupled_weight_decay"]
     else:
         momentum, dampening, nesterov = group["momentum"], group["dampening"], group["nesterov"]
-        _check_nonnegative("momentum", momentum)
-        _check_nonnegative("dampening", dampening)
+        check_nonnegative("momentum", momentum)
+        check_nonnegative("dampening", dampening)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum requires a positive momentum and zero dampening")
         beta1 = beta2 = eps = 0.0
         decoupled = False
 
     return GroupOptions(
-        kind=kind, levels=levels, lr=float(lr), lr_scale=float(lr_scale), final_lr=float(final_lr),
+        kind=kind, levels=levels, lr=float(lr), lr_scale=float(scale), final_lr=float(final_lr),
         weight_decay=float(group["weight_decay"]), decoupled_weight_decay=bool(decoupled),
         maximize=bool(group["maximize"]), momentum=float(momentum),
         dampening=float(dampening), nesterov=bool(nesterov), beta1=float(beta1),

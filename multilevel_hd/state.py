@@ -140,6 +140,11 @@ class GroupJob:
         sign = -1.0 if self.opts.maximize else 1.0
         device = self.group_state["weights"].device
         if self.grad_scale is None:
-            return self.plan.cached(("grad_factor", device, dtype, sign),
-                                    lambda: torch.tensor(sign, dtype=dtype, device=device))
+            return sign_tensor(self.plan, sign, device, dtype)
         return (sign / self.grad_scale.to(device=device, dtype=torch.float64)).to(dtype)
+
+
+def sign_tensor(plan: StepPlan, sign: float, device, dtype) -> torch.Tensor:
+    """`sign` as a 0-d device tensor, made once per plan (the optimizer makes the one that
+    `maximize` needs before a step, so that a torch.compile'd step does not create it)."""
+    return plan.cached(("grad_factor", device, dtype, sign), lambda: torch.tensor(sign, dtype=dtype, device=device))

@@ -1,5 +1,10 @@
 """Backend registry: every backend is a module with `name`, `unavailable_reason(device)`
-and `step(job)` (one param group's step, see `multilevel_hd.state.GroupJob`)."""
+and `step(job)` (one param group's step, see `multilevel_hd.state.GroupJob`).
+
+Modules and successful resolutions are cached in plain dicts, so that after the first
+(eager) look-up `resolve_backend` and `get` are dictionary reads that torch.compile traces
+without a graph break (importlib cannot be traced). The optimizer resolves each group's
+backend when the group is added, before any step can run under torch.compile."""
 from __future__ import annotations
 
 import importlib
@@ -20,8 +25,15 @@ _PLANNED = ()
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
 
+_LOADED: dict = {}  # name -> imported backend module
+_RESOLVED: dict = {}  # (option, device type, device index) -> concrete backend name
+
+
 def _module(name: str):
-    return importlib.import_module(_MODULES[name])
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(_MODULES[name])
+    return module
 
 
 def unavailable_reason(name: str, device: torch.device):
@@ -37,15 +49,23 @@ def available_backends(device) -> list[str]:
 
 
 def resolve_backend(name: str, device) -> str:
-    """The concrete backend for a group's `backend` option on `device`."""
+    """The concrete backend for a group's `backend` option on `device` (cached once found:
+    whether a backend can run on a device does not change within a process)."""
     device = torch.device(device)
+    key = (name, device.type, device.index)
+    found = _RESOLVED.get(key)
+    if found is not None:
+        return found
     if name == "auto":
         order = _AUTO_ORDER.get(device.type, ("torch",))
-        return next(n for n in order if unavailable_reason(n, device) is None)
-    reason = unavailable_reason(name, device)
-    if reason is not None:
-        raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
-    return name
+        found = next(n for n in order if unavailable_reason(n, device) is None)
+    else:
+        reason = unavailable_reason(name, device)
+        if reason is not None:
+            raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
+        found = name
+    _RESOLVED[key] = found
+    return found
 
 
 def get(name: str):

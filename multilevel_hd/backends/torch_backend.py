@@ -16,6 +16,11 @@ leaves every tensor as it was without a host synchronisation. The guard's flag c
 from each gradient's max and min (cheap vectorised reads; a product or sum would also
 flag finite values that overflow). Half-precision parameters are updated through
 float32 copies.
+
+Under torch.compile the whole step is traced into one graph (tests/test_compile.py):
+nothing here reads a tensor on the host or imports anything, the plan's tables are made
+before the step (`StepPlan.prepare`), and the scratch buffers give way to fresh
+temporaries, which Inductor fuses away.
 """
 from __future__ import annotations
 
@@ -94,6 +99,8 @@ class _Scratch:
 
     def __call__(self, slot: str, like: torch.Tensor, dtype=None) -> torch.Tensor:
         dtype = dtype or like.dtype
+        if torch.compiler.is_compiling():  # under torch.compile temporaries are the compiler's
+            return torch.empty_like(like, dtype=dtype)
         key = (slot, like.device, dtype)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < like.numel():
