@@ -8,7 +8,6 @@ the step kernel reads) must agree to float32 rounding; two calls are bit-identic
 Runs under the Triton interpreter on the CPU (conftest sets TRITON_INTERPRET=1), or on CUDA.
 """
 import copy
-import dataclasses
 import itertools
 
 import pytest
@@ -281,19 +280,16 @@ def test_backend_uses_the_level_stage(monkeypatch):
     assert triton_backend.launches_last_step == 3 + triton_backend.LEVEL_STAGE_LAUNCHES
 
 
-def test_sharded_group_keeps_the_torch_stage(monkeypatch):
-    """With a sharding_group the totals are all-reduced midway: update_levels runs."""
+def test_sharded_group_steps_with_the_torch_backend(monkeypatch):
+    """A sharded group's gate comes from an all-reduce after the reduction, which already
+    moved the per-parameter step counts by the local flag: the torch backend runs it."""
     calls = []
-
-    def unsharded(job, sums):
-        calls.append(job.sharding_group)
-        return update_levels(dataclasses.replace(job, sharding_group=None), sums)
-
-    monkeypatch.setattr(triton_backend, "update_levels", unsharded)
+    monkeypatch.setattr(triton_backend.torch_backend, "step", lambda job: calls.append(job.sharding_group))
     params = _sgd_params(2)
     opt = mlhd.MultiLevelSGD(params, lr=0.05, levels=ALL, backend="triton")
     opt.sharding_group = "fake"
     for p in params:
         p.grad = torch.ones_like(p)
-    opt.step()
-    assert calls == ["fake"] and triton_backend.launches_last_step == 3
+    with pytest.warns(UserWarning, match="sharded"):
+        opt.step()
+    assert calls == ["fake"] and triton_backend.launches_last_step == 0

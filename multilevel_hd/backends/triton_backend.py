@@ -7,8 +7,7 @@ A step is the three stages of every fast backend (see `multilevel_hd.levels`):
    the device-side non-finite flag, and the per-parameter step counts (moved by the gate);
 2. the level stage in two launches (`level_stage`: `level_sums_kernel`, the layers' sums,
    then `level_update_kernel`), computing exactly what the shared torch stage
-   `multilevel_hd.levels.update_levels` computes (a sharded group keeps that one: it
-   all-reduces its totals midway);
+   `multilevel_hd.levels.update_levels` computes;
 3. `step_kernel` (one launch per bucket): the fused elementwise pass.
 So a float32 model takes 5 Triton launches per step (`launches_last_step`), whatever its
 number of tensors. Nothing reads a device value on the host. Kernels and their tables
@@ -70,6 +69,10 @@ def step(job: GroupJob) -> None:
     device = job.params[0].device
     if job.group_state["weights"].dtype == torch.float64:
         reason = "float64 parameters"
+    elif job.sharding_group is not None:
+        # finish_kernel moves the per-parameter step counts by this rank's own non-finite
+        # flag, but a sharded group's gate comes from the all-reduce after it
+        reason = "a sharded param group (sharding_group)"
     else:  # the plan's tables, pointed at this step's tensors
         tables = job.plan.cached(("triton", device), lambda: tables_module.GroupTables(job.plan, device))
         reason = tables.bind(job, tables_module.state_keys(job.opts))
@@ -83,11 +86,10 @@ def step(job: GroupJob) -> None:
     # Triton launches on the current device; the group's may be another GPU.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         sums, launches = _reduce(job, tables)
-        if job.sharding_group is None and not isinstance(job.opts.lr_scale, torch.Tensor):
+        if not isinstance(job.opts.lr_scale, torch.Tensor):
             coeffs = level_stage(job, sums)
             launches += LEVEL_STAGE_LAUNCHES
-        else:  # the torch stage: a sharded group all-reduces its totals midway through the
-            # stage, and under torch.compile lr_scale is a 0-d tensor, not a kernel scalar
+        else:  # under torch.compile lr_scale is a 0-d tensor, not a kernel scalar
             coeffs = update_levels(job, sums)
         launches_last_step = launches + _apply(job, tables, coeffs)
 
@@ -125,7 +127,8 @@ class _LevelTables:
 def level_stage(job: GroupJob, sums: UnitSums) -> StepCoefficients:
     """Stage 2 in LEVEL_STAGE_LAUNCHES launches (`multilevel_hd.kernels.level_stage`): exactly
     what `update_levels(job, sums)` computes, the group state updated in place, float32 state.
-    Not for a sharded group: its totals are all-reduced midway (`levels._group_totals`).
+    Not for a sharded group (those step with the torch backend): its totals are all-reduced
+    midway (`levels._group_totals`).
     The coefficients live in one fresh buffer per step."""
     opts, plan, gs = job.opts, job.plan, job.group_state
     device, k = gs["weights"].device, level_kernels
