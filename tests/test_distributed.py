@@ -3,7 +3,8 @@ rank on half of a batch gives the same parameters, rates and weights on both ran
 the same as one process on the whole batch (the averaged half-batch gradients equal the
 full-batch gradient up to rounding). Sharded training: ZeroRedundancyOptimizer gives each
 rank some of the parameters; with `sharding_group` the global sums are all-reduced, so
-the run again equals the one-process run.
+the run again equals the one-process run. Every run meets one NaN gradient, which only
+the rank holding that parameter sees: all ranks must skip that step together.
 
 `run_ranks` spawns the processes once for all cases (spawning and importing torch costs
 seconds); other multi-process tests can reuse it with their own per-rank function.
@@ -27,6 +28,7 @@ from multilevel_hd.backends import available_backends
 
 WORLD_SIZE = 2
 STEPS = 5
+NAN_STEP = 2  # every run gets a NaN in the last parameter's gradient here, and skips the step
 BATCH = 8  # split evenly between the ranks
 LEVELS = ("global", "layer", "unit", "param")
 # "auto" and every concrete CPU backend; Triton on the CPU is its slow interpreter.
@@ -83,10 +85,13 @@ def train(case: tuple, model: nn.Module, x, y, sharded: bool = False) -> dict:
         opt = zero.optim
     else:
         opt = zero = cls(model.parameters(), levels=LEVELS, backend=backend, **kwargs)
-    for _ in range(STEPS):
+    for step in range(STEPS):
         zero.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
+        if step == NAN_STEP:  # one rank's share alone sees it: the skip must be all-reduced
+            list(model.parameters())[-1].grad.view(-1)[0] = float("nan")
         zero.step()
+    assert opt.skipped_steps() == [1]
     rates = opt.rates()[0]
     position = {p: i for i, p in enumerate(model.parameters())}
     tensors = {
