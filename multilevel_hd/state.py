@@ -20,7 +20,7 @@ float64 when any parameter of the group is), on the parameters' device.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -133,15 +133,21 @@ class GroupJob:
     grad_scale: Optional[torch.Tensor] = None
     found_inf: Optional[torch.Tensor] = None
     sharding_group: Any = None
+    _grad_factors: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def grad_factor(self, dtype) -> torch.Tensor:
         """What the raw gradient is multiplied by before anything else: -1 for `maximize`,
-        over the GradScaler's scale. A 0-d device tensor, so kernels read it from memory."""
-        sign = -1.0 if self.opts.maximize else 1.0
-        device = self.group_state["weights"].device
-        if self.grad_scale is None:
-            return sign_tensor(self.plan, sign, device, dtype)
-        return (sign / self.grad_scale.to(device=device, dtype=torch.float64)).to(dtype)
+        over the GradScaler's scale. A 0-d device tensor, so kernels read it from memory;
+        made once per step and dtype, however many passes and tensors ask for it."""
+        if dtype not in self._grad_factors:
+            sign = -1.0 if self.opts.maximize else 1.0
+            device = self.group_state["weights"].device
+            if self.grad_scale is None:
+                factor = sign_tensor(self.plan, sign, device, dtype)
+            else:
+                factor = (sign / self.grad_scale.to(device=device, dtype=torch.float64)).to(dtype)
+            self._grad_factors[dtype] = factor
+        return self._grad_factors[dtype]
 
 
 def sign_tensor(plan: StepPlan, sign: float, device, dtype) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 import multilevel_hd as mlhd
 from conftest import FAST_BACKENDS, shapes_for
-from trajectory import TOL_F32, TOL_F64, GradFn, assert_trajectories_close, make_params, opt_snapshot
+from trajectory import TOL_F32, TOL_F64, GradFn, assert_trajectories_close, make_params, run_optimizer
 
 STEPS = 8
 LR = 0.01
@@ -37,18 +37,6 @@ def one_cycle(opt):
 
 
 SCHEDULERS = {"warmup": warmup, "cosine": cosine, "one_cycle": one_cycle}
-
-
-def run(opt, scheduler, gradfn, steps, start=0):
-    params = [p for g in opt.param_groups for p in g["params"]]
-    snaps = []
-    for s in range(start, start + steps):
-        for i, p in enumerate(params):
-            p.grad = gradfn.grad(s, i, p)
-        opt.step()
-        scheduler.step()
-        snaps.append(opt_snapshot(opt))
-    return snaps
 
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
@@ -144,7 +132,7 @@ def test_backends_match_the_reference_under_a_scheduler(backend, dtype, case, sc
 
     def trajectory(b, dtype):
         opt = cls(make_params(dtype, shapes=shapes), lr=LR, backend=b, **kwargs)
-        return run(opt, SCHEDULERS[schedule](opt), GradFn(shapes), STEPS)
+        return run_optimizer(opt, GradFn(shapes), STEPS, scheduler=SCHEDULERS[schedule](opt))
 
     ours, ref = trajectory(backend, dtype), trajectory("reference", torch.float64)
     tol = TOL_F64 if dtype == torch.float64 else TOL_F32
@@ -161,12 +149,12 @@ def test_state_dict_round_trip_keeps_the_scheduler_interplay(backend):
 
     opt = cls(make_params(shapes=shapes), lr=LR, backend=backend, **kwargs)
     sched = warmup(opt)
-    whole = run(opt, sched, gradfn, STEPS)
+    whole = run_optimizer(opt, gradfn, STEPS, scheduler=sched)
 
     params = make_params(shapes=shapes)
     first = cls(params, lr=LR, backend=backend, **kwargs)
     first_sched = warmup(first)
-    run(first, first_sched, gradfn, 2)
+    run_optimizer(first, gradfn, 2, scheduler=first_sched)
     saved = copy.deepcopy((first.state_dict(), first_sched.state_dict()))
 
     resumed_params = [p.detach().clone().requires_grad_(True) for p in params]
@@ -175,7 +163,7 @@ def test_state_dict_round_trip_keeps_the_scheduler_interplay(backend):
     resumed.load_state_dict(saved[0])
     resumed_sched.load_state_dict(saved[1])
     assert resumed.group_states[0]["lr_scale"] != 1  # saved mid-warm-up
-    rest = run(resumed, resumed_sched, gradfn, STEPS - 2, start=2)
+    rest = run_optimizer(resumed, gradfn, STEPS - 2, start=2, scheduler=resumed_sched)
     assert_trajectories_close(rest, whole[2:], TOL_F64, label=f"{backend} resumed")
 
 

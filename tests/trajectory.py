@@ -483,15 +483,18 @@ def opt_snapshot(opt):
                 skipped=list(opt.skipped_steps()))
 
 
-def run_optimizer(opt, gradfn: GradFn, steps: int, start: int = 0, groups_fns=None):
+def run_optimizer(opt, gradfn: GradFn, steps: int, start: int = 0, scheduler=None):
     """Step ``opt`` ``steps`` times; gradient of step s is ``gradfn.grad(s, i, p)`` with i the
-    parameter's index over all groups.  Returns the list of per-step snapshots."""
+    parameter's index over all groups; an LR ``scheduler`` steps after each optimizer step.
+    Returns the list of per-step snapshots."""
     params = [p for g in opt.param_groups for p in g["params"]]
     snaps = []
     for s in range(start, start + steps):
         for i, p in enumerate(params):
             p.grad = gradfn.grad(s, i, p)
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
         snaps.append(opt_snapshot(opt))
     return snaps
 

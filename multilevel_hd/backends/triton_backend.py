@@ -254,7 +254,7 @@ def _apply(job: GroupJob, tables, coeffs: StepCoefficients) -> int:
     parent_stride = parent.stride(0) if parent.dim() else 0
     param_kappa = coeffs.param_kappa if has_param else coeffs.gate
     param_hd = coeffs.param_hd if has_param else coeffs.gate
-    grad_factor = job.grad_factor(torch.float32)  # the reduction's, recomputed (no host read)
+    grad_factor = job.grad_factor(torch.float32)  # the reduction's
     for bucket in tables.buckets:
         tables_module.step.step_kernel[(bucket.n_step,)](
             bucket.step_chunks, bucket.n_step, tables.pointers, tables.meta, tables.n, tables.old_steps,
