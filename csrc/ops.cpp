@@ -164,6 +164,20 @@ TORCH_LIBRARY(multilevel_hd, m) {
       "float beta2, float eps, float momentum, float dampening, Tensor gate, Tensor hd_gate, Tensor kappa_units, "
       "Tensor? param_kappa, Tensor? param_hd, Tensor? param_parent, bool multiplicative, float shrinkage, "
       "float rate_min, float rate_max) -> ()");
+  // Stage 2 (levels.h): the gate and t, the coarse rates and the weights from the unit sums
+  // (qg, qu: multiplicative rule; param_dot, param_sq: the param level among several), the
+  // group state updated in place, and coef = (gate, hd_gate, param_kappa, param_hd,
+  // kappa per unit, the param level's shrinkage target per unit) for apply. Per level
+  // (global, layer, unit, param): level_index its position in the weights or -1, parents
+  // its shrinkage parent or -1; rates of inactive levels are None.
+  m.def(
+      "levels(Tensor s, Tensor? qg, Tensor? qu, Tensor? param_dot, Tensor? param_sq, Tensor? finite, "
+      "Tensor? found_inf, Tensor lr_scale, Tensor units_per_layer, Tensor unit_scale, Tensor layer_scale, "
+      "Tensor unit_mask, Tensor layer_mask, Tensor(a!) step, Tensor(b!) skipped, Tensor(c!) lr_scale_state, "
+      "Tensor(d!) weights, Tensor(e!)? rate_global, Tensor(f!)? rate_layer, Tensor(g!)? rate_unit, "
+      "Tensor(h!) applied_scale, Tensor(i!) applied_offset, Tensor(j!) coef, int[] level_index, int[] parents, "
+      "float[] beta, float[] rho, float delta, float hd_decay, float final_lr, float rate_min, float rate_max, "
+      "bool multiplicative, bool sized) -> ()");
 }
 
 // `import multilevel_hd._C` (the setup.py build) loads this library, which registers the ops.

@@ -129,7 +129,7 @@ def test_step_is_one_graph_without_breaks(config, backend):
         info = explain_step(opt)
         assert (info.graph_count, info.graph_break_count) == (1, 0), [r.reason for r in info.break_reasons]
         if backend == "cpp":
-            assert custom_ops(info.graphs) == {"multilevel_hd.reduce", "multilevel_hd.apply"}
+            assert custom_ops(info.graphs) == {"multilevel_hd.reduce", "multilevel_hd.levels", "multilevel_hd.apply"}
     assert int(opt.group_states[0]["step"]) == 2
 
 

@@ -1,4 +1,4 @@
-"""Loads the compiled ops (torch.ops.multilevel_hd.reduce / apply), once per process.
+"""Loads the compiled ops (torch.ops.multilevel_hd.reduce / levels / apply), once per process.
 
 An installed build (`MLHD_BUILD_EXT=1 pip install -e . --no-build-isolation` makes
 multilevel_hd._C) is used when present; otherwise the sources in csrc/ are compiled with
@@ -103,9 +103,9 @@ def _stale(library: str) -> bool:
 
 
 def _register_fakes() -> None:
-    """Both ops only mutate their arguments, so their fake (meta) versions do nothing; this is
+    """The ops only mutate their arguments, so their fake (meta) versions do nothing; this is
     what lets torch.compile trace through a step."""
-    for op in ("reduce", "apply"):
+    for op in ("reduce", "levels", "apply"):
         torch.library.register_fake(f"multilevel_hd::{op}")(_no_output)
 
 

@@ -1,9 +1,10 @@
 """The compiled backend: "cpp" for CPU tensors, "cuda" (cuda_backend.py) for CUDA tensors.
 
-A step is the three stages of every fast backend, two of them compiled ops (csrc/):
+A step is the three stages of every fast backend, as compiled ops (csrc/):
 `torch.ops.multilevel_hd.reduce` (one pass over the elements: per-unit sums of g*u_prev,
-the param-level totals and the non-finite flag), the shared level stage
-(`multilevel_hd.levels.update_levels`), and `torch.ops.multilevel_hd.apply` (one pass:
+the param-level totals and the non-finite flag), the level stage (on the CPU the
+`levels` op, `level_stage`; on CUDA, and for a sharded group, the shared torch stage
+`multilevel_hd.levels.update_levels`), and `torch.ops.multilevel_hd.apply` (one pass:
 param-level rates, base direction and state, the parameter update). Nothing is read back
 to the host; the apply op itself skips a step whose gate is 0. Under torch.amp.GradScaler
 both ops multiply each raw gradient by `job.grad_factor` (a device scalar: sign / scale) as
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..levels import UnitSums, update_levels
+from ..levels import StepCoefficients, UnitSums, update_levels
 from ..state import GroupJob, compute_dtype
 from . import _extension
 
@@ -98,6 +99,50 @@ def _as(t, dtype):
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+# The coefficient buffer of the levels op (csrc/levels.h, CoefField): these scalars, then
+# kappa per unit, then the param level's shrinkage target per unit.
+_GATE, _HD_GATE, _PARAM_KAPPA, _PARAM_HD, _COEF_SCALARS = range(5)
+_LEVEL_CODES = {None: -1, "global": 0, "layer": 1, "unit": 2, "param": 3}
+
+
+def level_stage(job: GroupJob, sums: UnitSums) -> StepCoefficients:
+    """Stage 2 as one op (`torch.ops.multilevel_hd.levels`): what `update_levels(job, sums)`
+    computes, the group state updated in place; not for a sharded group."""
+    opts, plan, gs = job.opts, job.plan, job.group_state
+    device, acc = gs["weights"].device, gs["weights"].dtype
+    levels = ("global", "layer", "unit", "param")
+    multiplicative = opts.rule == "multiplicative"
+    beta = [float(opts.hypergrad_lr.get(level, 0.0)) for level in levels]
+    if not multiplicative and opts.scaling == "size":
+        beta[3] *= plan.num_elements  # the param level's N / N_param
+    lo, hi = opts.rate_bounds if opts.rate_bounds is not None else (None, None)
+    lr_scale = opts.lr_scale if isinstance(opts.lr_scale, torch.Tensor) else torch.tensor(opts.lr_scale, dtype=acc)
+    found_inf = None if job.found_inf is None else job.found_inf.to(device=device, dtype=acc)
+    param_sums = "param" in opts.levels and opts.multi_level
+    units = plan.layout.num_units
+    coef = torch.empty(_COEF_SCALARS + 2 * units, dtype=acc, device=device)
+    torch.ops.multilevel_hd.levels(
+        sums.s, sums.qg, sums.qu, sums.param_dot if param_sums else None, sums.param_sq if param_sums else None,
+        sums.finite if opts.skip_nonfinite else None, found_inf, lr_scale.to(device=device, dtype=acc),
+        plan.units_per_layer(device),
+        plan.size_scale("unit", device, acc), plan.size_scale("layer", device, acc), plan.unit_mask(device, acc),
+        plan.layer_mask(device, acc), gs["step"], gs["skipped"], gs["lr_scale"], gs["weights"],
+        gs.get("rate_global"), gs.get("rate_layer"), gs.get("rate_unit"), gs["applied_scale"], gs["applied_offset"],
+        coef, [opts.levels.index(lv) if lv in opts.levels else -1 for lv in levels],
+        [_LEVEL_CODES[opts.parents[lv] if lv in opts.shrinkage else None] for lv in levels], beta,
+        [float(opts.shrinkage.get(lv, 0.0)) for lv in levels], opts.combination_lr, opts.hd_decay, opts.final_lr,
+        -math.inf if lo is None else lo, math.inf if hi is None else hi, multiplicative, opts.scaling == "size",
+    )
+    coeffs = StepCoefficients(gate=coef[_GATE], hd_gate=coef[_HD_GATE],
+                              kappa_units=coef[_COEF_SCALARS : _COEF_SCALARS + units])
+    if "param" in opts.levels:
+        coeffs.param_kappa, coeffs.param_hd = coef[_PARAM_KAPPA], coef[_PARAM_HD]
+        if "param" in opts.shrinkage:  # (a global parent: one value, 0-d as the torch stage gives it)
+            parent = coef[_COEF_SCALARS + units :]
+            coeffs.param_parent = parent[0] if opts.parents["param"] == "global" else parent
+    return coeffs
+
+
 def step(job: GroupJob) -> None:
     opts, plan, gs = job.opts, job.plan, job.group_state
     acc, device = gs["weights"].dtype, gs["weights"].device
@@ -146,7 +191,12 @@ def step(job: GroupJob) -> None:
     if opts.skip_nonfinite:
         sums.finite = totals[2] == 0
 
-    c = update_levels(job, sums)
+    # The levels op has a CPU kernel only (csrc/cpu/levels.cpp); a sharded group all-reduces
+    # its totals midway through the stage (levels._group_totals).
+    if device.type == "cpu" and job.sharding_group is None:
+        c = level_stage(job, sums)
+    else:
+        c = update_levels(job, sums)
 
     lo, hi = opts.rate_bounds if opts.rate_bounds is not None else (None, None)
     for b, args in zip(buckets, lists):

@@ -1,11 +1,13 @@
-"""The triton backend's level stage (`triton_backend.level_stage`, two launches of
-`kernels/level_stage.py`) against the shared torch stage `multilevel_hd.levels.update_levels`,
+"""The fast level stages against the shared torch stage `multilevel_hd.levels.update_levels`,
 called directly on the same random inputs: random unit sums and group state, plans with
 tensors without gradients and 0-d/1-D/2-D/4-D tensors, every level subset and option that
 changes the stage's math. Outputs (the group state updated in place and the coefficients
-the step kernel reads) must agree to float32 rounding; two calls are bit-identical.
+the apply pass reads) must agree to float rounding; two calls are bit-identical.
 
-Runs under the Triton interpreter on the CPU (conftest sets TRITON_INTERPRET=1), or on CUDA.
+Stages: the triton backend's (`triton_backend.level_stage`, two launches of
+`kernels/level_stage.py`; under the Triton interpreter on the CPU, conftest sets
+TRITON_INTERPRET=1) and the compiled backend's (`cpp_backend.level_stage`, the `levels` op
+of csrc/cpu/levels.cpp; CPU tensors, float32 and float64).
 """
 import copy
 import itertools
@@ -15,7 +17,7 @@ import torch
 
 import multilevel_hd as mlhd
 from conftest import DEVICE
-from multilevel_hd.backends import unavailable_reason
+from multilevel_hd.backends import cpp_backend, unavailable_reason
 from multilevel_hd.hierarchy import GroupLayout, StepPlan
 from multilevel_hd.levels import UnitSums, update_levels
 from multilevel_hd.options import resolve
@@ -24,10 +26,31 @@ from multilevel_hd.state import GroupJob, new_group_state
 # the interpreter computes both sides of a `where` (a 0/0 it then discards)
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in (divide|multiply):RuntimeWarning")
 
-if unavailable_reason("triton", DEVICE) is not None:
-    pytest.skip(f"triton backend: {unavailable_reason('triton', DEVICE)}", allow_module_level=True)
+if unavailable_reason("triton", DEVICE) is None:
+    from multilevel_hd.backends import triton_backend
+else:
+    triton_backend = None
+# (stage, state dtype): every stage in float32, the C++ one in float64 too
+STAGES = {
+    "triton": (triton_backend and triton_backend.level_stage, torch.float32,
+               unavailable_reason("triton", DEVICE)),
+    "cpp": (cpp_backend.level_stage, torch.float32, unavailable_reason("cpp", DEVICE)),
+    "cpp-float64": (cpp_backend.level_stage, torch.float64, unavailable_reason("cpp", DEVICE)),
+}
+# relative tolerance of a stage against the torch stage, per state dtype (sums in other orders)
+RTOL = {torch.float32: 2e-6, torch.float64: 1e-13}
 
-from multilevel_hd.backends import triton_backend  # noqa: E402  (needs triton)
+
+needs_triton = pytest.mark.skipif(triton_backend is None, reason=f"triton: {STAGES['triton'][2]}")
+
+
+@pytest.fixture(params=list(STAGES))
+def stage(request):
+    fn, dtype, reason = STAGES[request.param]
+    if reason is not None:
+        pytest.skip(f"{request.param}: {reason}")
+    return fn, dtype
+
 
 ALL = ("global", "layer", "unit", "param")
 # (shapes, indices of the tensors with a gradient)
@@ -51,8 +74,9 @@ def _options(levels, lr_scale=1.0, **kw):
     return resolve(group, "sgd")
 
 
-def _inputs(opts, plan_spec, seed=0, t_old=3.0, finite=True, found_inf=None, zero_q=False, nan=False):
-    """A random job (group state, as after some steps) and random unit sums."""
+def _inputs(opts, plan_spec, seed=0, t_old=3.0, finite=True, found_inf=None, zero_q=False, nan=False,
+            dtype=torch.float32):
+    """A random job (group state, as after some steps, in `dtype`) and random unit sums."""
     gen = torch.Generator().manual_seed(seed)
     shapes, active = plan_spec
     layout = GroupLayout.of([torch.empty(s) for s in shapes])
@@ -85,8 +109,11 @@ def _inputs(opts, plan_spec, seed=0, t_old=3.0, finite=True, found_inf=None, zer
         sums.param_dot, sums.param_sq = torch.randn((), generator=gen) * LR, rand(1, lo=0.0, hi=1.0)[0] * LR**2
     if nan:
         sums.s[1] = float("nan")
-    gs = {k: v.to(DEVICE) for k, v in gs.items()}
-    sums = UnitSums(**{k: None if v is None else v.to(DEVICE) for k, v in vars(sums).items()})
+    def to(v):
+        return v.to(DEVICE, dtype) if v.is_floating_point() else v.to(DEVICE)
+
+    gs = {k: to(v) for k, v in gs.items()}
+    sums = UnitSums(**{k: None if v is None else to(v) for k, v in vars(sums).items()})
     if found_inf is not None:
         found_inf = torch.tensor(found_inf, device=DEVICE)
     return GroupJob(opts, plan, [], [], [], gs, found_inf=found_inf), sums
@@ -102,18 +129,19 @@ def _run(stage, job, sums):
     return out
 
 
-def _assert_matches(job, sums):
+def _assert_matches(stage, job, sums):
     want = _run(update_levels, job, sums)
-    got = _run(triton_backend.level_stage, job, sums)
+    got = _run(stage, job, sums)
     assert sorted(got) == sorted(want)
     for key, ref in want.items():
         val = got[key]
         assert val.shape == ref.shape and val.dtype == ref.dtype, key
         if key in ("step", "skipped", "coeffs.gate", "coeffs.hd_gate"):
             assert torch.equal(val, ref), (key, val, ref)
-        else:  # float32 rounding, relative to the tensor's magnitude
+        else:  # rounding, relative to the tensor's magnitude
             scale = ref[ref.isfinite()].abs().max().item() if ref.isfinite().any() else 0.0
-            torch.testing.assert_close(val, ref, rtol=2e-6, atol=2e-7 * scale, equal_nan=True,
+            rtol = RTOL[ref.dtype]
+            torch.testing.assert_close(val, ref, rtol=rtol, atol=rtol / 10 * scale, equal_nan=True,
                                        msg=lambda m: f"{key}: {m}")
     return want, got
 
@@ -123,10 +151,10 @@ SUBSETS = [levels for r in range(1, 5) for levels in itertools.combinations(ALL,
 
 @pytest.mark.parametrize("rule", ["additive", "multiplicative"])
 @pytest.mark.parametrize("levels", SUBSETS, ids="+".join)
-def test_level_subsets(levels, rule):
+def test_level_subsets(stage, levels, rule):
     opts = _options(levels, hypergrad_rule=rule)
-    job, sums = _inputs(opts, PLAN_MIXED, seed=len(levels))
-    want, _ = _assert_matches(job, sums)
+    job, sums = _inputs(opts, PLAN_MIXED, seed=len(levels), dtype=stage[1])
+    want, _ = _assert_matches(stage[0], job, sums)
     before = job.group_state
     for key in ("rate_global", "rate_layer", "rate_unit"):  # not vacuous: the rates moved
         if key in want:
@@ -167,11 +195,11 @@ OPTION_CASES = {
 
 
 @pytest.mark.parametrize("name", OPTION_CASES)
-def test_options(name):
+def test_options(stage, name):
     kw = dict(OPTION_CASES[name])
     opts = _options(kw.pop("levels"), **kw)
-    job, sums = _inputs(opts, PLAN_MIXED, seed=7, zero_q=True)
-    want, _ = _assert_matches(job, sums)
+    job, sums = _inputs(opts, PLAN_MIXED, seed=7, zero_q=True, dtype=stage[1])
+    want, _ = _assert_matches(stage[0], job, sums)
     if name == "weights-all-zero":  # not vacuous: the clamped weights summed to 0
         assert torch.equal(want["weights"], torch.full((2,), 0.5))
     if name == "bounds-default-binds":
@@ -190,13 +218,20 @@ GATES = {  # (t before the step, finite flag, found_inf, skip_nonfinite) -> the 
 }
 
 
+# the param level's shrinkage parent: the value handed to the step pass depends on the gates
+PARAM_PARENTS = {"unit": ALL, "layer": ("global", "layer", "param"), "global": ("global", "param")}
+
+
+@pytest.mark.parametrize("parent", PARAM_PARENTS)
 @pytest.mark.parametrize("rule", ["additive", "multiplicative"])
 @pytest.mark.parametrize("name", GATES)
-def test_gates(name, rule):
+def test_gates(stage, name, rule, parent):
     t_old, finite, found_inf, guard = GATES[name]
-    opts = _options(ALL, hypergrad_rule=rule, skip_nonfinite=guard, shrinkage={"param": 0.3, "unit": 0.2})
-    job, sums = _inputs(opts, PLAN_MIXED, seed=3, t_old=t_old, finite=finite, found_inf=found_inf)
-    want, got = _assert_matches(job, sums)
+    levels = PARAM_PARENTS[parent]
+    opts = _options(levels, hypergrad_rule=rule, skip_nonfinite=guard,
+                    shrinkage={"param": 0.3, "unit": 0.2} if "unit" in levels else {"param": 0.3})
+    job, sums = _inputs(opts, PLAN_MIXED, seed=3, t_old=t_old, finite=finite, found_inf=found_inf, dtype=stage[1])
+    want, got = _assert_matches(stage[0], job, sums)
     gate = (finite or not guard) and not found_inf
     assert got["coeffs.gate"].item() == float(gate)
     assert got["coeffs.hd_gate"].item() == float(gate and t_old + 1 >= 2)
@@ -209,30 +244,32 @@ def test_gates(name, rule):
         assert not got["coeffs.kappa_units"].any() and got["coeffs.param_parent"].isfinite().all()
     elif t_old + 1 < 2:  # t = 1: the rates and weights keep their initial values
         for key in ("weights", "rate_global", "rate_layer", "rate_unit"):
-            assert torch.equal(got[key], before[key]), key
+            if key in before:
+                assert torch.equal(got[key], before[key]), key
 
 
-def test_nonfinite_sums_without_guard_propagate_like_torch():
+def test_nonfinite_sums_without_guard_propagate_like_torch(stage):
     """skip_nonfinite=False: a NaN sum proceeds; NaN rates (the clamp keeps NaN) and weights
     that fall back to uniform, exactly as the torch stage does."""
     opts = _options(ALL, skip_nonfinite=False)
-    job, sums = _inputs(opts, PLAN_MIXED, seed=5, nan=True)
-    want, _ = _assert_matches(job, sums)
+    job, sums = _inputs(opts, PLAN_MIXED, seed=5, nan=True, dtype=stage[1])
+    want, _ = _assert_matches(stage[0], job, sums)
     assert want["rate_unit"].isnan().any() and want["rate_global"].isnan()
 
 
 @pytest.mark.parametrize("rule", ["additive", "multiplicative"])
 @pytest.mark.parametrize("plan", ["all", "one", "wide"])
-def test_plans(plan, rule):
+def test_plans(stage, plan, rule):
     spec = {"all": PLAN_ALL, "one": PLAN_ONE, "wide": PLAN_WIDE}[plan]
     opts = _options(ALL, hypergrad_rule=rule, shrinkage={"unit": 0.3, "param": 0.4},
                     hypergrad_lr=2e-4 if plan == "wide" and rule == "additive" else None)
-    job, sums = _inputs(opts, spec, seed=11)
-    _assert_matches(job, sums)
+    job, sums = _inputs(opts, spec, seed=11, dtype=stage[1])
+    _assert_matches(stage[0], job, sums)
 
 
 @pytest.mark.parametrize("t_old", [0.0, 1.0, 5.0])
-def test_many_programs(monkeypatch, t_old):
+@needs_triton
+def test_triton_many_programs(monkeypatch, t_old):
     """Blocks of 16 units and layers: 40 tensors (one without gradient) and 89 units over
     several programs of each launch; the sums of a layer span several blocks of units. Every
     program must read the old t, lr_scale, weights and rates, whatever the others wrote."""
@@ -243,18 +280,18 @@ def test_many_programs(monkeypatch, t_old):
     for rule in ("additive", "multiplicative"):
         opts = _options(("unit", "global", "layer", "param"), hypergrad_rule=rule, hd_decay=0.1, lr_scale=1.5,
                         shrinkage={"unit": 0.3, "layer": 0.2, "param": 0.1})
-        job, sums = _inputs(opts, spec, seed=13, t_old=t_old)
+        job, sums = _inputs(opts, spec, seed=13, t_old=t_old, dtype=torch.float32)
         lt_key = ("triton_levels", job.group_state["weights"].device)
-        _assert_matches(job, sums)
+        _assert_matches(triton_backend.level_stage, job, sums)
         tables = job.plan.cached(lt_key, lambda: None)
         assert tables.grid > 1 and tables.sums_layers < tables.num_layers and tables.sums_block < tables.max_units
 
 
-def test_two_calls_are_bit_identical():
+def test_two_calls_are_bit_identical(stage):
     opts = _options(ALL, hypergrad_rule="multiplicative", shrinkage={"unit": 0.3, "param": 0.4})
-    job, sums = _inputs(opts, PLAN_WIDE, seed=17, zero_q=True)
-    first = _run(triton_backend.level_stage, job, sums)
-    second = _run(triton_backend.level_stage, job, sums)
+    job, sums = _inputs(opts, PLAN_WIDE, seed=17, zero_q=True, dtype=stage[1])
+    first = _run(stage[0], job, sums)
+    second = _run(stage[0], job, sums)
     for key, value in first.items():
         assert torch.equal(value, second[key]), key
 
@@ -265,22 +302,30 @@ def _sgd_params(count):
     return [torch.randn(shape, generator=gen).to(DEVICE).requires_grad_() for shape in shapes]
 
 
-def test_backend_uses_the_level_stage(monkeypatch):
-    """A step of the triton backend runs the two level-stage launches, not the torch stage."""
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_backend_uses_its_level_stage(monkeypatch, backend):
+    """A step of a fast backend runs its own level stage, not the torch stage (and the
+    triton backend's takes LEVEL_STAGE_LAUNCHES launches)."""
+    if unavailable_reason(backend, DEVICE) is not None:
+        pytest.skip(f"{backend}: {unavailable_reason(backend, DEVICE)}")
+    module = triton_backend if backend == "triton" else cpp_backend
+
     def refuse(job, sums):
         raise AssertionError("update_levels called for an unsharded group")
 
-    monkeypatch.setattr(triton_backend, "update_levels", refuse)
+    monkeypatch.setattr(module, "update_levels", refuse)
     params = _sgd_params(3)
-    opt = mlhd.MultiLevelSGD(params, lr=0.05, levels=ALL, backend="triton")
+    opt = mlhd.MultiLevelSGD(params, lr=0.05, levels=ALL, backend=backend)
     for _ in range(2):
         for p in params:
             p.grad = torch.ones_like(p)
         opt.step()
-    assert triton_backend.launches_last_step == 3 + triton_backend.LEVEL_STAGE_LAUNCHES
+    if backend == "triton":
+        assert triton_backend.launches_last_step == 3 + triton_backend.LEVEL_STAGE_LAUNCHES
 
 
-def test_sharded_group_steps_with_the_torch_backend(monkeypatch):
+@needs_triton
+def test_triton_sharded_group_steps_with_the_torch_backend(monkeypatch):
     """A sharded group's gate comes from an all-reduce after the reduction, which already
     moved the per-parameter step counts by the local flag: the torch backend runs it."""
     calls = []
