@@ -117,8 +117,8 @@ def render(args, rows, bandwidth: dict[str, dict[str, float]]) -> str:
         f"{device.type} ({_device_name(device)}), torch threads {torch.get_num_threads()}",
         f"- {DTYPE} parameters; per model {args.warmup} warm-up + {args.repeats} timed rounds, "
         "every candidate once per round in shuffled order; times are medians",
-        f"- bandwidth ({STREAM_BYTES // 2**20} MiB `copy_` and in-place `mul_`, bytes read + "
-        f"written / median time, in the same rounds): {streams}",
+        f"- bandwidth ({STREAM_BYTES // 2**20} MiB `copy_`, in-place `mul_` and read-only `sum`, "
+        f"bytes read + written / median time, in the same rounds): {streams}",
         "- `x mlhd torch`: time / time of the multilevel_hd `torch` backend of the same "
         "configuration (torch.optim rows: of the multilevel_hd one on the same base optimizer); "
         "`x Adam fused`: time / time of torch.optim.Adam(fused=True); both medians of per-round "
