@@ -1,8 +1,8 @@
 // Stage 2 of a step, the level stage (SPEC steps 2 and 4, the coarse part of 6), as one op:
 // from the reduction's per-unit sums to the new group state and the coefficients the apply
-// op reads. It computes what multilevel_hd/levels.py's update_levels computes, term by term
-// in the same order (tests/test_level_stage.py holds them to float rounding). Torch-free,
-// like common.h.
+// op reads. It computes what multilevel_hd/levels.py's update_levels computes, each term as
+// that function writes it; only sums over units run in another order (in double), so
+// tests/test_level_stage.py holds the two to float rounding. Torch-free, like common.h.
 #pragma once
 
 #include <cstdint>
