@@ -20,6 +20,10 @@ constexpr int kNoLevel = -1;
 // per unit, then the param level's shrinkage target per unit (cpp_backend.py slices it).
 enum CoefField { kGate, kHdGate, kParamKappa, kParamHd, kCoefScalars };
 
+// The sums of one layer over its units (scratch, in double): S, Qg, Qu, and the unit level's
+// terms of the weights' hyper-gradient.
+enum LayerSum { kS, kQg, kQu, kUnitDot, kUnitSq, kLayerSums };
+
 struct LevelArgs {
   // Inputs, math type: per-unit sums (qg, qu only for the multiplicative rule), the param
   // level's totals (only when it is one of several levels), this step's LR scheduler factor.
@@ -35,6 +39,11 @@ struct LevelArgs {
   void* rate[kCoarseLevels];  // global, layer, unit
   int64_t* skipped;
   void* coef;  // out: [kCoefScalars + 2 * num_units]
+  // Scratch on the device: each layer's first unit [num_layers + 1] (filled by the runner),
+  // its sums [num_layers][kLayerSums], its old and HD-updated rate (math type, [num_layers]).
+  int64_t* first_unit;
+  double* layer_sums;
+  void *old_layer, *hd_layer;
   // Options.
   int num_levels;
   int index[kNumLevels];    // each level's position in the weights, kNoLevel if inactive
@@ -65,6 +74,216 @@ MLHD_HD T hd_update(bool multiplicative, T old, T s, T qg, T qu, T coef, T scale
   if (!multiplicative) return old + coef * scale * s;
   const T prod = qg * qu;
   return old * (T(1) + beta_w * (prod > 0 ? s / std::sqrt(prod) : T(0)));
+}
+
+// ---------------------------------------------------------------------------------------
+// The stage in three parts, which each device's runner schedules: (1) every layer's sums
+// over its units, any order of layers, (2) update_group, once, (3) update_unit for every
+// unit, any order. Between them the runner waits for all of the previous part.
+
+// (1) Unit u's terms of its layer's sums (LayerSum order), added to acc: S, Qg, Qu and the
+// unit level's terms of the weights' hyper-gradient, alpha_old * S and alpha_old^2 * Qg.
+// (acc[q * stride] is sum q.)
+template <typename T, bool MULT, bool UNIT_DOT>
+MLHD_HD void add_unit_sums(const LevelArgs& a, int64_t u, double* acc, int stride) {
+  const T s = static_cast<const T*>(a.s)[u];
+  acc[kS * stride] += s;
+  if constexpr (MULT) {
+    acc[kQg * stride] += static_cast<const T*>(a.qg)[u];
+    acc[kQu * stride] += static_cast<const T*>(a.qu)[u];
+  }
+  if constexpr (UNIT_DOT) {
+    const T rate = static_cast<const T*>(a.rate[kUnitLevel])[u];
+    acc[kUnitDot * stride] += rate * s;
+    if constexpr (MULT) acc[kUnitSq * stride] += rate * rate * static_cast<const T*>(a.qg)[u];
+  }
+}
+
+// What update_group decides for the unit pass.
+template <typename T>
+struct GroupStep {
+  T gate, hd_gate, tau_t, hd_prev, applied, rest;  // kappa = applied * (tau_t * alpha* + rest)
+  T w[kNumLevels];                                 // the old weights
+  T old_g, hd_g, rate_g;                           // the global rate: old, HD-updated, new
+};
+
+// (2) SPEC step 2 (the gate, t, the skip counter), step 4 for the global and layer levels
+// (HD update from the old rate, shrinkage toward the parent's HD-updated rate, the bounds;
+// moved only when the step moves rates and, for a layer, its tensor steps), the weights
+// (used from the next step on), lr_scale, what each tensor's step applied
+// (state.record_applied_rates) and the coefficient scalars. One thread.
+template <typename T>
+MLHD_HD GroupStep<T> update_group(const LevelArgs& a) {
+  auto in = [](const void* p) { return static_cast<const T*>(p); };
+  auto io = [](void* p) { return static_cast<T*>(p); };
+  const int64_t L = a.num_layers;
+  const bool mult = a.multiplicative;
+  GroupStep<T> g{};
+  T bad = 0;
+  if (a.finite && !*a.finite) bad += 1;
+  if (a.found_inf && *in(a.found_inf) > 0) bad += 1;
+  g.gate = bad == 0 ? T(1) : T(0);
+  *a.skipped += static_cast<int64_t>(1 - g.gate);
+  T* step = io(a.step);
+  const T t = *step += g.gate;
+  g.hd_gate = g.gate * (t >= 2 ? T(1) : T(0));
+  const T decay = T(-a.hd_decay);
+  g.tau_t = std::exp(decay * t);
+  const T lr_scale = *in(a.lr_scale), lr_scale_old = *in(a.lr_scale_state);
+  // d kappa_{t-1} / d alpha_k = lr_scale_{t-1} * tau_{t-1} * w_k (the chain rule through the
+  // rate the last step applied)
+  g.hd_prev = lr_scale_old * std::exp(decay * (t - 1));
+  g.applied = g.gate * lr_scale;
+  g.rest = (1 - g.tau_t) * T(a.final_lr);
+  for (int lv = 0; lv < kNumLevels; ++lv) g.w[lv] = a.index[lv] >= 0 ? in(a.weights)[a.index[lv]] : T(0);
+  const T lo = T(a.rate_min), hi = T(a.rate_max);
+  auto coef = [&](int lv) { return T(a.beta[lv]) * g.hd_prev * g.w[lv]; };
+  auto beta_w = [&](int lv) { return T(a.beta[lv]) * g.w[lv]; };
+  auto layer_sum = [&](int64_t l, int q) { return T(a.layer_sums[l * kLayerSums + q]); };
+
+  double total[kLayerSums] = {};  // the group's sums, in layer order
+  for (int64_t l = 0; l < L; ++l)
+    for (int q = 0; q < kLayerSums; ++q) total[q] += a.layer_sums[l * kLayerSums + q];
+  const T s_global = T(total[kS]), qg_global = T(total[kQg]), qu_global = T(total[kQu]);
+
+  if (a.index[kGlobalLevel] >= 0) {
+    g.old_g = *in(a.rate[kGlobalLevel]);
+    g.hd_g = hd_update(mult, g.old_g, s_global, qg_global, qu_global, coef(kGlobalLevel), T(1), beta_w(kGlobalLevel));
+    g.rate_g = g.hd_gate > 0 ? clamp_rate(g.hd_g, lo, hi) : g.old_g;
+    *io(a.rate[kGlobalLevel]) = g.rate_g;
+  }
+  double layer_dot = 0, layer_sq = 0;
+  if (a.index[kLayerLevel] >= 0) {
+    T* rate = io(a.rate[kLayerLevel]);
+    T *old_layer = io(a.old_layer), *hd_layer = io(a.hd_layer);
+    const T c = coef(kLayerLevel), bw = beta_w(kLayerLevel), rho = T(a.rho[kLayerLevel]);
+    for (int64_t l = 0; l < L; ++l) {
+      const T old = old_layer[l] = rate[l];
+      const T s = layer_sum(l, kS), qg = layer_sum(l, kQg);
+      const T size = a.sized ? in(a.layer_scale)[l] : T(1);
+      const T hd = hd_layer[l] = hd_update(mult, old, s, qg, layer_sum(l, kQu), c, size, bw);
+      const T shrunk = a.parent[kLayerLevel] == kNoLevel ? hd : lerp(hd, g.hd_g, rho);
+      rate[l] = g.hd_gate * in(a.layer_mask)[l] > 0 ? clamp_rate(shrunk, lo, hi) : old;
+      layer_dot += old * s;
+      layer_sq += old * old * qg;
+    }
+  }
+
+  // The weights (more than one level), from the old weights and rates: G_k = sum_j
+  // alpha_k_old[j] S_k[j] (tau_{t-1} is in hd_prev), R_k = sum_j alpha_k_old[j]^2 Qg_k[j].
+  if (a.num_levels > 1) {
+    const T dot[kNumLevels] = {g.old_g * s_global, T(layer_dot), T(total[kUnitDot]),
+                               a.param_dot ? *in(a.param_dot) : T(0)};
+    const T sq[kNumLevels] = {g.old_g * g.old_g * qg_global, T(layer_sq), T(total[kUnitSq]),
+                              a.param_sq ? *in(a.param_sq) : T(0)};
+    T new_w[kNumLevels] = {}, sum = 0;
+    for (int lv = 0; lv < kNumLevels; ++lv) {
+      if (a.index[lv] < 0) continue;
+      T x;
+      if (mult) {
+        const T denom = std::sqrt(sq[lv] * qu_global);
+        x = g.w[lv] * (denom > 0 ? T(1) + T(a.delta) * dot[lv] / denom : T(1));
+      } else {
+        x = g.w[lv] + T(a.delta) * g.hd_prev * dot[lv];
+      }
+      new_w[lv] = x < 0 ? T(0) : x;  // NaN stays NaN
+      sum += new_w[lv];
+    }
+    for (int lv = 0; lv < kNumLevels; ++lv)
+      if (a.index[lv] >= 0)
+        io(a.weights)[a.index[lv]] = g.hd_gate > 0 ? (sum > 0 ? new_w[lv] / sum : T(1.0 / a.num_levels)) : g.w[lv];
+  }
+  *io(a.lr_scale_state) = g.gate > 0 ? lr_scale : lr_scale_old;
+
+  const int K = a.num_levels;
+  T offset = lr_scale * (1 - g.tau_t) * T(a.final_lr);
+  if (a.index[kGlobalLevel] >= 0) offset = offset + lr_scale * g.tau_t * g.w[kGlobalLevel] * g.rate_g;
+  for (int64_t l = 0; l < L; ++l) {
+    if (!(in(a.layer_mask)[l] * g.gate > 0)) continue;
+    for (int lv = 0; lv < kNumLevels; ++lv)
+      if (a.index[lv] >= 0) io(a.applied_scale)[l * K + a.index[lv]] = lr_scale * g.tau_t * g.w[lv];
+    io(a.applied_offset)[l] = offset;
+  }
+
+  T* out = io(a.coef);
+  const T w_p = g.w[kParamLevel], beta_p = T(a.beta[kParamLevel]);
+  out[kGate] = g.gate;
+  out[kHdGate] = g.hd_gate;
+  out[kParamKappa] = g.applied * g.tau_t * w_p;
+  out[kParamHd] = mult ? beta_p * w_p : beta_p * g.hd_prev * w_p;
+  return g;
+}
+
+// What the unit pass needs for the units of one layer: everything loop-invariant, so that a
+// loop over the units reads nothing but its arrays.
+template <typename T>
+struct UnitPass {
+  const T *s, *qg, *qu, *scale, *mask;
+  T *rate, *kappa_out, *parent_out;  // rate: null without a unit level; outputs per unit
+  T coef, beta_w, rho, lo, hi, hd_gate, w_unit, applied, tau_t, rest;
+  T sized;         // 1 with size scaling, else 0
+  T alpha;         // the coarser levels' part of alpha*: w_global a_global + w_layer a_layer
+  T parent;        // the HD-updated rate unit shrinkage pulls toward (the layer's, or global)
+  T param_parent;  // the param level's shrinkage target when its parent is coarser than unit
+  bool shrink, parent_is_unit;
+};
+
+template <typename T>
+MLHD_HD UnitPass<T> unit_pass(const LevelArgs& a, const GroupStep<T>& g, int64_t l) {
+  const bool layer = a.index[kLayerLevel] >= 0;
+  const T *old_layer = static_cast<const T*>(a.old_layer), *hd_layer = static_cast<const T*>(a.hd_layer);
+  UnitPass<T> c;
+  c.s = static_cast<const T*>(a.s);
+  c.qg = static_cast<const T*>(a.qg);
+  c.qu = static_cast<const T*>(a.qu);
+  c.scale = static_cast<const T*>(a.unit_scale);
+  c.mask = static_cast<const T*>(a.unit_mask);
+  c.rate = a.index[kUnitLevel] >= 0 ? static_cast<T*>(a.rate[kUnitLevel]) : nullptr;
+  c.kappa_out = static_cast<T*>(a.coef) + kCoefScalars;
+  c.parent_out = c.kappa_out + a.num_units;
+  c.coef = T(a.beta[kUnitLevel]) * g.hd_prev * g.w[kUnitLevel];
+  c.beta_w = T(a.beta[kUnitLevel]) * g.w[kUnitLevel];
+  c.rho = T(a.rho[kUnitLevel]);
+  c.lo = T(a.rate_min);
+  c.hi = T(a.rate_max);
+  c.hd_gate = g.hd_gate;
+  c.w_unit = g.w[kUnitLevel];
+  c.applied = g.applied;
+  c.tau_t = g.tau_t;
+  c.rest = g.rest;
+  c.alpha = T(0);  // the coarse levels, coarse to fine, as update_levels adds them
+  if (a.index[kGlobalLevel] >= 0) c.alpha = c.alpha + g.w[kGlobalLevel] * g.rate_g;
+  if (layer) c.alpha = c.alpha + g.w[kLayerLevel] * static_cast<const T*>(a.rate[kLayerLevel])[l];
+  c.parent = layer ? hd_layer[l] : g.hd_g;
+  const int pp = a.parent[kParamLevel];
+  c.param_parent = pp == kGlobalLevel  ? (g.hd_gate > 0 ? g.hd_g : g.old_g)
+                   : pp == kLayerLevel ? (g.hd_gate > 0 ? hd_layer[l] : old_layer[l])
+                                       : T(0);
+  c.sized = a.sized ? T(1) : T(0);
+  c.shrink = a.parent[kUnitLevel] != kNoLevel;
+  c.parent_is_unit = pp == kUnitLevel;
+  return c;
+}
+
+// (3) Unit u of the layer: its new unit rate (SPEC step 4, moved only when the step moves
+// rates and its tensor steps), its kappa and its param-level shrinkage target.
+// UNIT: the unit level is active (c.rate is not null). Flags become selects of values that
+// are computed anyway, so that the CPU loop over the units vectorises.
+template <typename T, bool MULT, bool UNIT>
+MLHD_HD void update_unit(const UnitPass<T>& c, int64_t u) {
+  if constexpr (!UNIT) {
+    c.kappa_out[u] = c.applied * (c.tau_t * c.alpha + c.rest);
+    c.parent_out[u] = c.param_parent;
+    return;
+  }
+  const T old = c.rate[u];
+  const T size = c.sized * c.scale[u] + (1 - c.sized);  // exact: the scale, or 1
+  const T hd = hd_update(MULT, old, c.s[u], MULT ? c.qg[u] : T(0), MULT ? c.qu[u] : T(0), c.coef, size, c.beta_w);
+  const T shrunk = c.shrink ? lerp(hd, c.parent, c.rho) : hd;
+  const T now = c.hd_gate * c.mask[u] > 0 ? clamp_rate(shrunk, c.lo, c.hi) : old;
+  c.rate[u] = now;
+  c.kappa_out[u] = c.applied * (c.tau_t * (c.alpha + c.w_unit * now) + c.rest);
+  c.parent_out[u] = c.parent_is_unit ? (c.hd_gate > 0 ? hd : old) : c.param_parent;
 }
 
 }  // namespace mlhd

@@ -1,6 +1,6 @@
-// The two ops of a fused step (schemas in ops.cpp), written once for both devices: each
-// device file instantiates reduce_op / apply_op with its Runner (the kernels) and
-// registers them for its dispatch key.
+// The three ops of a fused step (schemas in ops.cpp), written once for both devices: each
+// device file instantiates reduce_op / levels_op / apply_op with its Runner (the kernels)
+// and registers them for its dispatch key.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include "levels.h"
 
 namespace mlhd {
 
@@ -110,6 +111,108 @@ void apply_op(at::TensorList params, at::TensorList grads, at::TensorList state_
   }
   Runner::apply(a, ops.dtype, kappa_units.device());
   ops.finish();
+}
+
+// Stage 2 (levels.h): checks, scratch on the device, then the Runner's one level-stage call.
+template <class Runner>
+void levels_op(const at::Tensor& s, const std::optional<at::Tensor>& qg, const std::optional<at::Tensor>& qu,
+               const std::optional<at::Tensor>& param_dot, const std::optional<at::Tensor>& param_sq,
+               const std::optional<at::Tensor>& finite, const std::optional<at::Tensor>& found_inf,
+               const at::Tensor& lr_scale, const at::Tensor& units_per_layer, const at::Tensor& unit_scale,
+               const at::Tensor& layer_scale, const at::Tensor& unit_mask, const at::Tensor& layer_mask,
+               at::Tensor& step, at::Tensor& skipped, at::Tensor& lr_scale_state, at::Tensor& weights,
+               const std::optional<at::Tensor>& rate_global, const std::optional<at::Tensor>& rate_layer,
+               const std::optional<at::Tensor>& rate_unit, at::Tensor& applied_scale, at::Tensor& applied_offset,
+               at::Tensor& coef, at::IntArrayRef level_index, at::IntArrayRef parents, at::ArrayRef<double> beta,
+               at::ArrayRef<double> rho, double delta, double hd_decay, double final_lr, double rate_min,
+               double rate_max, bool multiplicative, bool sized) {
+  const at::TensorOptions math = weights.options();
+  TORCH_CHECK(math.dtype() == at::kFloat || math.dtype() == at::kDouble,
+              "levels: the group state must be float32 or float64");
+  TORCH_CHECK(level_index.size() == kNumLevels && parents.size() == kNumLevels && beta.size() == kNumLevels &&
+                  rho.size() == kNumLevels,
+              "levels: level_index, parents, beta and rho need one entry per level (global, layer, unit, param)");
+  LevelArgs a{};
+  a.num_layers = units_per_layer.numel();
+  a.num_units = s.numel();
+  const at::Device device = weights.device();
+  TORCH_CHECK(units_per_layer.scalar_type() == at::kLong && units_per_layer.is_contiguous() &&
+                  units_per_layer.device() == device,
+              "levels: units_per_layer must be a contiguous int64 tensor on the group state's device");
+  auto array = [&](const at::Tensor& t, int64_t n, const char* what) {
+    TORCH_CHECK(t.numel() == n && t.is_contiguous() && is_math(t, math), "levels: ", what, " must be a contiguous ",
+                math.dtype(), " tensor of ", n, " elements on the group state's device");
+    return t.data_ptr();
+  };
+  const int64_t L = a.num_layers, U = a.num_units;
+  a.units_per_layer = units_per_layer.data_ptr<int64_t>();
+  if (device.is_cpu()) {  // (on a GPU this would wait for the device)
+    int64_t units = 0;
+    for (int64_t l = 0; l < L; ++l) units += a.units_per_layer[l];
+    TORCH_CHECK(units == U, "levels: units_per_layer adds up to ", units, ", not the ", U, " unit sums");
+  }
+  a.s = array(s, U, "s");
+  a.qg = qg ? array(*qg, U, "qg") : nullptr;
+  a.qu = qu ? array(*qu, U, "qu") : nullptr;
+  TORCH_CHECK(!multiplicative || (a.qg && a.qu), "levels: the multiplicative rule needs qg and qu");
+  a.param_dot = param_dot ? array(*param_dot, 1, "param_dot") : nullptr;
+  a.param_sq = param_sq ? array(*param_sq, 1, "param_sq") : nullptr;
+  if (finite) {
+    TORCH_CHECK(finite->numel() == 1 && finite->scalar_type() == at::kBool && finite->device() == device,
+                "levels: finite must be a one-element bool tensor on the group state's device");
+    a.finite = finite->data_ptr<bool>();
+  }
+  a.found_inf = found_inf ? array(*found_inf, 1, "found_inf") : nullptr;
+  a.lr_scale = array(lr_scale, 1, "lr_scale");
+  a.unit_scale = array(unit_scale, U, "unit_scale");
+  a.layer_scale = array(layer_scale, L, "layer_scale");
+  a.unit_mask = array(unit_mask, U, "unit_mask");
+  a.layer_mask = array(layer_mask, L, "layer_mask");
+  a.step = array(step, 1, "step");
+  TORCH_CHECK(skipped.numel() == 1 && skipped.scalar_type() == at::kLong && skipped.device() == device,
+              "levels: skipped must be a one-element int64 tensor on the group state's device");
+  a.skipped = skipped.data_ptr<int64_t>();
+  a.lr_scale_state = array(lr_scale_state, 1, "lr_scale_state");
+  a.num_levels = static_cast<int>(weights.numel());
+  a.weights = array(weights, a.num_levels, "weights");
+  const std::optional<at::Tensor>* rates[kCoarseLevels] = {&rate_global, &rate_layer, &rate_unit};
+  const int64_t rate_sizes[kCoarseLevels] = {1, L, U};
+  int count = 0;
+  for (int lv = 0; lv < kNumLevels; ++lv) {
+    a.index[lv] = static_cast<int>(level_index[lv]);
+    a.parent[lv] = static_cast<int>(parents[lv]);
+    a.beta[lv] = beta[lv];
+    a.rho[lv] = rho[lv];
+    TORCH_CHECK(a.index[lv] >= kNoLevel && a.index[lv] < a.num_levels && a.parent[lv] >= kNoLevel &&
+                    a.parent[lv] < lv && (a.parent[lv] == kNoLevel || level_index[a.parent[lv]] >= 0),
+                "levels: bad level_index or parents");
+    count += a.index[lv] >= 0;
+    if (lv < kCoarseLevels) {
+      TORCH_CHECK(rates[lv]->has_value() == (a.index[lv] >= 0), "levels: pass the rates of the active levels only");
+      a.rate[lv] = *rates[lv] ? array(**rates[lv], rate_sizes[lv], "a level's rates") : nullptr;
+    }
+  }
+  TORCH_CHECK(count == a.num_levels, "levels: level_index names ", count, " levels, the weights ", a.num_levels);
+  TORCH_CHECK(a.index[kParamLevel] < 0 || a.num_levels == 1 || (a.param_dot && (!multiplicative || a.param_sq)),
+              "levels: the param level among several needs param_dot (and param_sq for the multiplicative rule)");
+  a.applied_scale = array(applied_scale, L * a.num_levels, "applied_scale");
+  a.applied_offset = array(applied_offset, L, "applied_offset");
+  a.coef = array(coef, kCoefScalars + 2 * U, "coef");
+  a.delta = delta;
+  a.hd_decay = hd_decay;
+  a.final_lr = final_lr;
+  a.rate_min = rate_min;
+  a.rate_max = rate_max;
+  a.multiplicative = multiplicative;
+  a.sized = sized;
+  const bool float64 = math.dtype() == at::kDouble;
+  const int64_t math_bytes = float64 ? 8 : 4;
+  at::Tensor scratch = at::empty({(L + 1 + L * kLayerSums) * 8 + 2 * L * math_bytes}, math.dtype(at::kByte));
+  a.first_unit = reinterpret_cast<int64_t*>(scratch.data_ptr());
+  a.layer_sums = reinterpret_cast<double*>(a.first_unit + L + 1);
+  a.old_layer = a.layer_sums + L * kLayerSums;
+  a.hd_layer = static_cast<char*>(a.old_layer) + L * math_bytes;
+  Runner::levels(a, float64, device);
 }
 
 }  // namespace mlhd

@@ -6,10 +6,9 @@ elements writes per-unit sums, this stage turns them into the new coarse rates
 touches arrays of one entry per unit; here it is written with torch operations that never
 read a value on the host: the skip and "t >= 2" decisions are 0/1 device tensors, and
 updates are selected with `where` so that sums made non-finite by a bad gradient never
-leak into the state of a skipped step. The torch and cuda backends and sharded groups run
-it; the triton and cpp backends run the same math as one or two kernels of their own
-(kernels/level_stage.py, csrc/cpu/levels.cpp), which tests/test_level_stage.py holds to
-this one.
+leak into the state of a skipped step. The torch backend and sharded groups run it; the
+triton, cpp and cuda backends run the same math as kernels of their own
+(kernels/level_stage.py; csrc/levels.h), which tests/test_level_stage.py holds to this one.
 
 The param level has one rate per element, so its HD update happens in the elementwise
 pass; this stage hands that pass the scalars and the per-unit parent values it needs.

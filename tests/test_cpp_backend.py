@@ -205,11 +205,12 @@ TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSI
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA kernels cannot be compile-checked")
-def test_cuda_kernels_compile(tmp_path):
+@pytest.mark.parametrize("name", ["step", "levels"])
+def test_cuda_kernels_compile(tmp_path, name):
     """The torch-free kernels, as a CUDA build of the extension compiles them (sm_90)."""
-    source = os.path.join(_csrc.CSRC, "cuda", "step.cu")
+    source = os.path.join(_csrc.CSRC, "cuda", f"{name}.cu")
     cmd = ["nvcc", "-c", "-arch=sm_90", "-std=c++17", *_csrc.NVCC_FLAGS, *TORCH_NVCC_DEFINES, source,
-           "-o", str(tmp_path / "step.o")]
+           "-o", str(tmp_path / f"{name}.o")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

@@ -6,8 +6,8 @@ the apply pass reads) must agree to float rounding; two calls are bit-identical.
 
 Stages: the triton backend's (`triton_backend.level_stage`, two launches of
 `kernels/level_stage.py`; under the Triton interpreter on the CPU, conftest sets
-TRITON_INTERPRET=1) and the compiled backend's (`cpp_backend.level_stage`, the `levels` op
-of csrc/cpu/levels.cpp; CPU tensors, float32 and float64).
+TRITON_INTERPRET=1) and the compiled backends' (`cpp_backend.level_stage`, the `levels` op:
+csrc/cpu/levels.cpp for "cpp", csrc/cuda/levels.cu for "cuda"; float32 and float64).
 """
 import copy
 import itertools
@@ -30,12 +30,15 @@ if unavailable_reason("triton", DEVICE) is None:
     from multilevel_hd.backends import triton_backend
 else:
     triton_backend = None
-# (stage, state dtype): every stage in float32, the C++ one in float64 too
+# (stage, state dtype, why it cannot run here): every stage in float32, the compiled ones in
+# float64 too
 STAGES = {
     "triton": (triton_backend and triton_backend.level_stage, torch.float32,
                unavailable_reason("triton", DEVICE)),
     "cpp": (cpp_backend.level_stage, torch.float32, unavailable_reason("cpp", DEVICE)),
     "cpp-float64": (cpp_backend.level_stage, torch.float64, unavailable_reason("cpp", DEVICE)),
+    "cuda": (cpp_backend.level_stage, torch.float32, unavailable_reason("cuda", DEVICE)),
+    "cuda-float64": (cpp_backend.level_stage, torch.float64, unavailable_reason("cuda", DEVICE)),
 }
 # relative tolerance of a stage against the torch stage, per state dtype (sums in other orders)
 RTOL = {torch.float32: 2e-6, torch.float64: 1e-13}
@@ -185,6 +188,7 @@ OPTION_CASES = {
     # annealing, an LR scheduler's factor, per-level betas, weights collapsing to uniform
     "hd-decay": dict(levels=ALL, hd_decay=0.05, final_lr=0.003),
     "hd-decay-mult": dict(levels=("global", "unit"), hd_decay=0.2, hypergrad_rule="multiplicative"),
+    "hd-decay-no-unit": dict(levels=("global", "layer", "param"), hd_decay=0.05, final_lr=0.003, lr_scale=0.7),
     "lr-scale": dict(levels=ALL, lr_scale=0.3),
     "lr-scale-decay-mult": dict(levels=ALL, lr_scale=2.5, hd_decay=0.1, hypergrad_rule="multiplicative"),
     "beta-per-level": dict(levels=ALL, hypergrad_lr={"global": 1e-3, "layer": 0.0, "unit": 5e-3, "param": 1e-4}),
@@ -302,7 +306,7 @@ def _sgd_params(count):
     return [torch.randn(shape, generator=gen).to(DEVICE).requires_grad_() for shape in shapes]
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "cuda"])
 def test_backend_uses_its_level_stage(monkeypatch, backend):
     """A step of a fast backend runs its own level stage, not the torch stage (and the
     triton backend's takes LEVEL_STAGE_LAUNCHES launches)."""

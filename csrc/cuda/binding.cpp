@@ -1,5 +1,5 @@
-// Registers the CUDA kernels (step.cu) for the ops. Uses only device-generic c10 headers for
-// the current stream, so it compiles against any torch build.
+// Registers the CUDA kernels (step.cu, levels.cu) for the ops. Uses only device-generic c10
+// headers for the current stream, so it compiles against any torch build.
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
@@ -25,6 +25,10 @@ struct CudaRunner {
     c10::DeviceGuard guard(device);
     check(cuda::launch_apply(a, dtype, current_stream(device)));
   }
+  static void levels(const LevelArgs& a, bool float64, at::Device device) {
+    c10::DeviceGuard guard(device);
+    check(cuda::launch_levels(a, float64, current_stream(device)));
+  }
 };
 
 }  // namespace
@@ -32,6 +36,7 @@ struct CudaRunner {
 TORCH_LIBRARY_IMPL(multilevel_hd, CUDA, m) {
   m.impl("reduce", &reduce_op<CudaRunner>);
   m.impl("apply", &apply_op<CudaRunner>);
+  m.impl("levels", &levels_op<CudaRunner>);
 }
 
 }  // namespace mlhd

@@ -22,5 +22,5 @@ def sources(with_cuda: bool, root: str = CSRC) -> list[str]:
     """The files of multilevel_hd._C; the CUDA ones only for a torch built with CUDA."""
     files = ["ops.cpp", "cpu/step.cpp", "cpu/levels.cpp"]
     if with_cuda:
-        files += ["cuda/binding.cpp", "cuda/step.cu"]
+        files += ["cuda/binding.cpp", "cuda/step.cu", "cuda/levels.cu"]
     return [os.path.join(root, f) for f in files]

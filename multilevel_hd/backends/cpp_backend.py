@@ -2,9 +2,9 @@
 
 A step is the three stages of every fast backend, as compiled ops (csrc/):
 `torch.ops.multilevel_hd.reduce` (one pass over the elements: per-unit sums of g*u_prev,
-the param-level totals and the non-finite flag), the level stage (on the CPU the
-`levels` op, `level_stage`; on CUDA, and for a sharded group, the shared torch stage
-`multilevel_hd.levels.update_levels`), and `torch.ops.multilevel_hd.apply` (one pass:
+the param-level totals and the non-finite flag), `torch.ops.multilevel_hd.levels` (the
+level stage, `level_stage`; a sharded group runs the shared torch stage
+`multilevel_hd.levels.update_levels` instead), and `torch.ops.multilevel_hd.apply` (one pass:
 param-level rates, base direction and state, the parameter update). Nothing is read back
 to the host; the apply op itself skips a step whose gate is 0. Under torch.amp.GradScaler
 both ops multiply each raw gradient by `job.grad_factor` (a device scalar: sign / scale) as
@@ -116,15 +116,18 @@ def level_stage(job: GroupJob, sums: UnitSums) -> StepCoefficients:
     if not multiplicative and opts.scaling == "size":
         beta[3] *= plan.num_elements  # the param level's N / N_param
     lo, hi = opts.rate_bounds if opts.rate_bounds is not None else (None, None)
-    lr_scale = opts.lr_scale if isinstance(opts.lr_scale, torch.Tensor) else torch.tensor(opts.lr_scale, dtype=acc)
+    lr_scale = opts.lr_scale  # a float, or a 0-d device tensor under torch.compile
+    if isinstance(lr_scale, torch.Tensor):
+        lr_scale = lr_scale.to(acc)
+    else:  # made on the device: a fill, not a host-to-device copy that would wait for the GPU
+        lr_scale = torch.full((), lr_scale, dtype=acc, device=device)
     found_inf = None if job.found_inf is None else job.found_inf.to(device=device, dtype=acc)
     param_sums = "param" in opts.levels and opts.multi_level
     units = plan.layout.num_units
     coef = torch.empty(_COEF_SCALARS + 2 * units, dtype=acc, device=device)
     torch.ops.multilevel_hd.levels(
         sums.s, sums.qg, sums.qu, sums.param_dot if param_sums else None, sums.param_sq if param_sums else None,
-        sums.finite if opts.skip_nonfinite else None, found_inf, lr_scale.to(device=device, dtype=acc),
-        plan.units_per_layer(device),
+        sums.finite if opts.skip_nonfinite else None, found_inf, lr_scale, plan.units_per_layer(device),
         plan.size_scale("unit", device, acc), plan.size_scale("layer", device, acc), plan.unit_mask(device, acc),
         plan.layer_mask(device, acc), gs["step"], gs["skipped"], gs["lr_scale"], gs["weights"],
         gs.get("rate_global"), gs.get("rate_layer"), gs.get("rate_unit"), gs["applied_scale"], gs["applied_offset"],
@@ -191,12 +194,8 @@ def step(job: GroupJob) -> None:
     if opts.skip_nonfinite:
         sums.finite = totals[2] == 0
 
-    # The levels op has a CPU kernel only (csrc/cpu/levels.cpp); a sharded group all-reduces
-    # its totals midway through the stage (levels._group_totals).
-    if device.type == "cpu" and job.sharding_group is None:
-        c = level_stage(job, sums)
-    else:
-        c = update_levels(job, sums)
+    # a sharded group all-reduces its totals midway through the stage (levels._group_totals)
+    c = update_levels(job, sums) if job.sharding_group is not None else level_stage(job, sums)
 
     lo, hi = opts.rate_bounds if opts.rate_bounds is not None else (None, None)
     for b, args in zip(buckets, lists):
