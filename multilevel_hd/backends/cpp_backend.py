@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..hierarchy import LEVELS
 from ..levels import StepCoefficients, UnitSums, update_levels
 from ..state import GroupJob, compute_dtype
 from . import _extension
@@ -102,7 +103,7 @@ def _as(t, dtype):
 # The coefficient buffer of the levels op (csrc/levels.h, CoefField): these scalars, then
 # kappa per unit, then the param level's shrinkage target per unit.
 _GATE, _HD_GATE, _PARAM_KAPPA, _PARAM_HD, _COEF_SCALARS = range(5)
-_LEVEL_CODES = {None: -1, "global": 0, "layer": 1, "unit": 2, "param": 3}
+_LEVEL_CODES = {None: -1, **{level: i for i, level in enumerate(LEVELS)}}  # csrc/levels.h, Level
 
 
 def level_stage(job: GroupJob, sums: UnitSums) -> StepCoefficients:
@@ -110,9 +111,8 @@ def level_stage(job: GroupJob, sums: UnitSums) -> StepCoefficients:
     computes, the group state updated in place; not for a sharded group."""
     opts, plan, gs = job.opts, job.plan, job.group_state
     device, acc = gs["weights"].device, gs["weights"].dtype
-    levels = ("global", "layer", "unit", "param")
     multiplicative = opts.rule == "multiplicative"
-    beta = [float(opts.hypergrad_lr.get(level, 0.0)) for level in levels]
+    beta = [float(opts.hypergrad_lr.get(level, 0.0)) for level in LEVELS]
     if not multiplicative and opts.scaling == "size":
         beta[3] *= plan.num_elements  # the param level's N / N_param
     lo, hi = opts.rate_bounds if opts.rate_bounds is not None else (None, None)
@@ -131,9 +131,9 @@ def level_stage(job: GroupJob, sums: UnitSums) -> StepCoefficients:
         plan.size_scale("unit", device, acc), plan.size_scale("layer", device, acc), plan.unit_mask(device, acc),
         plan.layer_mask(device, acc), gs["step"], gs["skipped"], gs["lr_scale"], gs["weights"],
         gs.get("rate_global"), gs.get("rate_layer"), gs.get("rate_unit"), gs["applied_scale"], gs["applied_offset"],
-        coef, [opts.levels.index(lv) if lv in opts.levels else -1 for lv in levels],
-        [_LEVEL_CODES[opts.parents[lv] if lv in opts.shrinkage else None] for lv in levels], beta,
-        [float(opts.shrinkage.get(lv, 0.0)) for lv in levels], opts.combination_lr, opts.hd_decay, opts.final_lr,
+        coef, [opts.levels.index(lv) if lv in opts.levels else -1 for lv in LEVELS],
+        [_LEVEL_CODES[opts.parents[lv] if lv in opts.shrinkage else None] for lv in LEVELS], beta,
+        [float(opts.shrinkage.get(lv, 0.0)) for lv in LEVELS], opts.combination_lr, opts.hd_decay, opts.final_lr,
         -math.inf if lo is None else lo, math.inf if hi is None else hi, multiplicative, opts.scaling == "size",
     )
     coeffs = StepCoefficients(gate=coef[_GATE], hd_gate=coef[_HD_GATE],
