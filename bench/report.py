@@ -30,6 +30,7 @@ WARMUP = {"cpu": 3, "cuda": 10}
 REPEATS = {"cpu": 30, "cuda": 100}
 DTYPE = torch.float32
 
+READ_PASS = "read g, m, v"
 COLUMNS = ("model", "optimizer", "backend", "median ms", "x mlhd torch", "x Adam fused",
            "min B/elem", "min MB", "GB/s", "% of in-place")
 
@@ -45,7 +46,8 @@ def _median_ratio(times: dict[str, list[float]], num: Candidate, den: Candidate)
 
 
 def bench_model(model: str, device: torch.device, repeats: int, warmup: int):
-    """The table rows of one model, and the bandwidths (GB/s) measured among them."""
+    """The table rows of one model, the bandwidths (GB/s) measured among them, and the floor
+    of a MultiLevelAdam step as a multiple of fused Adam (None without fused Adam)."""
     shapes = MODELS[model]
     candidates, skipped = [], {}
     for cand in ALL_CANDIDATES:
@@ -65,10 +67,17 @@ def bench_model(model: str, device: torch.device, repeats: int, warmup: int):
     streams = bandwidth_subjects(device)
     subjects = [Subject(c.id, live.step, live.feed) for c, live in lives.items()]
     subjects += [subject for subject, _ in streams]
+    # What a MultiLevelAdam step must read before it may write anything (SPEC: every
+    # g * u_prev, u_prev from m and v, and the NaN guard): g, m and v, as one plain read pass.
+    g, m, v = (torch.rand(numel(shapes), device=device, dtype=DTYPE) for _ in range(3))
+    subjects.append(Subject(READ_PASS, lambda: torch.dot(g, m) + v.sum()))
     _log(f"{model}: {len(subjects)} subjects x ({warmup} warm-up + {repeats}) rounds")
     times = interleave(subjects, repeats, warmup, device)
     bandwidth = {subject.name: nbytes / statistics.median(times[subject.name]) / 1e9
                  for subject, nbytes in streams}
+    floor = None  # that read pass plus fused Adam, over fused Adam
+    if ADAM_FUSED in lives:
+        floor = statistics.median((r + a) / a for r, a in zip(times[READ_PASS], times[ADAM_FUSED.id]))
 
     rows = []
     for cand in candidates:
@@ -81,7 +90,7 @@ def bench_model(model: str, device: torch.device, repeats: int, warmup: int):
                      _fmt_ratio(vs_torch), _fmt_ratio(vs_fused),
                      f"{nbytes / numel(shapes):.1f}", _fmt3(nbytes / 1e6),
                      f"{gbps:.1f}", f"{100 * gbps / bandwidth['in-place']:.0f}"))
-    return rows, bandwidth
+    return rows, bandwidth, floor
 
 
 def _fmt3(x: float) -> str:
@@ -104,11 +113,12 @@ def _device_name(device: torch.device) -> str:
         return platform.processor() or platform.machine()
 
 
-def render(args, rows, bandwidth: dict[str, dict[str, float]]) -> str:
+def render(args, rows, bandwidth: dict[str, dict[str, float]], floors: dict[str, float | None]) -> str:
     device = torch.device(args.device)
     streams = "; ".join(
         f"{model}: " + ", ".join(f"{name} {gbps:.1f} GB/s" for name, gbps in per_model.items())
         for model, per_model in bandwidth.items())
+    floor_text = ", ".join(f"{model} {floor:.2f}" for model, floor in floors.items() if floor is not None)
     header = [
         "# multilevel_hd optimizer step benchmark",
         "",
@@ -119,6 +129,10 @@ def render(args, rows, bandwidth: dict[str, dict[str, float]]) -> str:
         "every candidate once per round in shuffled order; times are medians",
         f"- bandwidth ({STREAM_BYTES // 2**20} MiB `copy_`, in-place `mul_` and read-only `sum`, "
         f"bytes read + written / median time, in the same rounds): {streams}",
+        *([f"- floor of a MultiLevelAdam step that recomputes u_prev from m and v (it must read all "
+           "of g, m, v before writing anything, then move what fused Adam moves): a plain read pass "
+           f"over g, m, v (`dot` + `sum`) plus fused Adam, in the same rounds, x Adam fused: {floor_text}"]
+          if floor_text else []),
         "- `x mlhd torch`: time / time of the multilevel_hd `torch` backend of the same "
         "configuration (torch.optim rows: of the multilevel_hd one on the same base optimizer); "
         "`x Adam fused`: time / time of torch.optim.Adam(fused=True); both medians of per-round "
@@ -162,13 +176,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device)
-    rows, bandwidth = [], {}
+    rows, bandwidth, floors = [], {}, {}
     for model in args.models:
-        model_rows, bandwidth[model] = bench_model(model, device, args.repeats, args.warmup)
+        model_rows, bandwidth[model], floors[model] = bench_model(model, device, args.repeats, args.warmup)
         rows += model_rows
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the next model's candidates need the memory
-    text = render(args, rows, bandwidth)
+    text = render(args, rows, bandwidth, floors)
     print(text, end="")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

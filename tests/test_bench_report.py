@@ -17,3 +17,5 @@ def test_report_writes_one_table(tmp_path, capsys):
     assert len(table) == 2 + len(runnable)
     assert all(line.count("|") == len(report.COLUMNS) + 1 for line in table)
     assert "| tiny | Adam | fused |" in text
+    floor = text.split("plus fused Adam, in the same rounds, x Adam fused: tiny ")[1].split()[0]
+    assert float(floor) > 1.0  # a read pass costs something
