@@ -280,6 +280,13 @@ MLHD_HD void reduce_element(int64_t e, const S* __restrict__ g, const S* __restr
   }
 }
 
+// A rate into its bounds, as torch.clamp: a NaN stays NaN.
+template <typename T>
+MLHD_HD T clamp_rate(T x, T lo, T hi) {
+  x = x < lo ? lo : x;
+  return x > hi ? hi : x;
+}
+
 // The param level's coefficients for one call, from the level stage's device scalars.
 template <typename T>
 struct StepScalars {
@@ -309,8 +316,7 @@ template <typename T>
 MLHD_HD T new_param_rate(T rate, T h, T parent, const StepScalars<T>& c) {
   T r = rate * (1 + c.hd_mult * sign(h)) + c.hd_add * h;
   r += c.shrinkage * (parent - r);
-  r = r < c.rate_min ? c.rate_min : r;
-  return r > c.rate_max ? c.rate_max : r;
+  return clamp_rate(r, c.rate_min, c.rate_max);
 }
 
 // One tensor as the elementwise pass reads and writes it.

@@ -54,13 +54,6 @@ struct LevelArgs {
   bool multiplicative, sized;
 };
 
-// torch.clamp: a NaN stays NaN.
-template <typename T>
-MLHD_HD T clamp_rate(T x, T lo, T hi) {
-  x = x < lo ? lo : x;
-  return x > hi ? hi : x;
-}
-
 // torch.lerp(a, b, w) with its two formulas.
 template <typename T>
 MLHD_HD T lerp(T a, T b, T w) {

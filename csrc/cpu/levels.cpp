@@ -2,19 +2,16 @@
 // threads, update_group between them on one; a fixed order that does not depend on the
 // thread count. A layer's sums add up in kLanes interleaved lanes (added pairwise at the
 // end), so that no long chain of dependent additions sets the pace.
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "../levels.h"
 #include "../ops.h"
+#include "parallel.h"
 
 namespace mlhd {
 namespace {
 
 constexpr int kLanes = 8;
-
-// at::parallel_for's grain over `layers` holding `units`: a small group stays on one thread.
-int64_t grain(int64_t layers, int64_t units) { return units < at::internal::GRAIN_SIZE ? layers : 1; }
 
 template <typename T, bool MULT, bool UNIT_DOT>
 void sum_layer(const LevelArgs& a, int64_t l) {

@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "../ops.h"
+#include "parallel.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #define MLHD_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -45,9 +46,6 @@ T lane_sum(const T (&x)[kLanes]) {
   return y[0];
 }
 
-// at::parallel_for's grain for `tasks` covering `work` elements: work too small to pay for
-// waking a second thread stays on this one.
-int64_t grain(int64_t tasks, int64_t work) { return work < at::internal::GRAIN_SIZE ? tasks : 1; }
 
 int64_t num_elements(const Tables& t) {
   int64_t n = 0;
