@@ -39,8 +39,10 @@ Dtype dtype_of(at::ScalarType t) {
 
 // Upload the pointer rows only when a storage moved since the last call. The host mirror is
 // only read and written here; the upload goes through a fresh pinned buffer, which the
-// caching host allocator keeps until the asynchronous copy has finished.
-void refresh_pointers(const std::vector<int64_t>& rows, at::Tensor& mirror, at::Tensor& table) {
+// caching host allocator keeps until the asynchronous copy has finished. Never while a CUDA
+// graph is being captured: the graph would record a copy from that temporary buffer, and
+// its replays would read whatever the allocator has put there since.
+void refresh_pointers(const std::vector<int64_t>& rows, at::Tensor& mirror, at::Tensor& table, bool capturing) {
   const size_t bytes = rows.size() * sizeof(int64_t);
   TORCH_CHECK(mirror.device().is_cpu() && mirror.scalar_type() == at::kLong && mirror.is_contiguous() &&
                   static_cast<size_t>(mirror.numel()) == rows.size(),
@@ -48,6 +50,11 @@ void refresh_pointers(const std::vector<int64_t>& rows, at::Tensor& mirror, at::
   TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.numel() == mirror.numel(),
               "ptr_table must be a contiguous int64 tensor shaped like ptr_mirror");
   if (std::memcmp(mirror.data_ptr(), rows.data(), bytes) == 0) return;
+  TORCH_CHECK(!capturing,
+              "multilevel_hd: a parameter, gradient or state tensor has a new address since the last eager step, "
+              "and the kernels' pointer table cannot be updated inside a CUDA graph capture. Capture after a few "
+              "eager steps with the same tensors: keep gradients in static tensors (zero_grad(set_to_none=False) "
+              "in the captured region, or capture opt.step() alone)");
   std::memcpy(mirror.data_ptr(), rows.data(), bytes);
   if (table.device().is_cpu())
     std::memcpy(table.data_ptr(), rows.data(), bytes);
@@ -75,7 +82,7 @@ void Operands::finish() {
 }
 
 Operands prepare_operands(const OpLists& l, const at::Tensor& meta, at::Tensor& ptr_mirror, at::Tensor& ptr_table,
-                          int64_t num_slots, bool writes) {
+                          int64_t num_slots, bool writes, bool capturing) {
   const int64_t n = static_cast<int64_t>(l.params.size());
   TORCH_CHECK(n > 0 && static_cast<int64_t>(l.grads.size()) == n && static_cast<int64_t>(l.steps.size()) == n,
               "params, grads and steps must be non-empty lists of one length");
@@ -132,7 +139,7 @@ Operands prepare_operands(const OpLists& l, const at::Tensor& meta, at::Tensor& 
     row[kRate] = state(l.param_rates);
     row[kStep] = address(step);
   }
-  refresh_pointers(rows, ptr_mirror, ptr_table);
+  refresh_pointers(rows, ptr_mirror, ptr_table, capturing);
   ops.tables.ptrs = ptr_table.data_ptr<int64_t>();
   return ops;
 }
@@ -146,7 +153,16 @@ Operands prepare_operands(const OpLists& l, const at::Tensor& meta, at::Tensor& 
 // without a param level. grad_factor: a one-element tensor of the math dtype on the device,
 // (-1 for maximize) / GradScaler's scale; the kernels multiply every raw gradient by it as
 // they read it (before coupled weight decay), and read it only on the device.
-TORCH_LIBRARY(multilevel_hd, m) {
+// The emulation build (MLHD_CUDA_ON_CPU: csrc/cuda_on_cpu) registers the same ops under a
+// namespace of its own, so that it loads beside the real library.
+#ifdef MLHD_CUDA_ON_CPU
+#define MLHD_OPS multilevel_hd_cuda_on_cpu
+#else
+#define MLHD_OPS multilevel_hd
+#endif
+#define MLHD_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)  // expands MLHD_OPS before TORCH_LIBRARY pastes it
+
+MLHD_TORCH_LIBRARY(MLHD_OPS, m) {
   // Stage 1: per-unit sums of g*u_prev (and g^2, u_prev^2 when unit_sums has 3 rows) into
   // unit_sums[:, unit]; totals = (sum alpha_param*g*u_prev, sum (alpha_param*g)^2, 0 or NaN
   // if some g is NaN/Inf).
@@ -180,8 +196,10 @@ TORCH_LIBRARY(multilevel_hd, m) {
       "bool multiplicative, bool sized) -> ()");
 }
 
+#ifndef MLHD_CUDA_ON_CPU
 // `import multilevel_hd._C` (the setup.py build) loads this library, which registers the ops.
 PyMODINIT_FUNC PyInit__C() {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }
+#endif

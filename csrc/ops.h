@@ -29,8 +29,9 @@ struct Operands {
   void finish();
 };
 
+// capturing: the device's current stream is capturing a CUDA graph (Runner::capturing).
 Operands prepare_operands(const OpLists& lists, const at::Tensor& meta, at::Tensor& ptr_mirror,
-                          at::Tensor& ptr_table, int64_t num_slots, bool writes);
+                          at::Tensor& ptr_table, int64_t num_slots, bool writes, bool capturing);
 Direction parse_direction(std::string_view direction);
 const void* scalar_data(const at::Tensor& t, const at::TensorOptions& math, const char* what);
 
@@ -45,7 +46,7 @@ void reduce_op(at::TensorList params, at::TensorList grads, at::TensorList state
                bool param_sums, const at::Tensor& grad_factor, double coupled_weight_decay, double beta1,
                double beta2, double eps, at::Tensor& unit_sums, at::Tensor& totals) {
   Operands ops = prepare_operands({params, grads, state_a, state_b, param_rates, steps}, meta, ptr_mirror,
-                                  ptr_table, num_slots, /*writes=*/false);
+                                  ptr_table, num_slots, /*writes=*/false, Runner::capturing(meta.device()));
   TORCH_CHECK(unit_sums.dim() == 2 && (unit_sums.size(0) == 1 || unit_sums.size(0) == 3) &&
                   unit_sums.stride(1) == 1 && is_math(unit_sums, ops.math),
               "reduce: unit_sums must be a [1 or 3, units] tensor of the parameters' math dtype and device");
@@ -84,7 +85,7 @@ void apply_op(at::TensorList params, at::TensorList grads, at::TensorList state_
               const std::optional<at::Tensor>& param_parent, bool multiplicative, double shrinkage,
               double rate_min, double rate_max) {
   Operands ops = prepare_operands({params, grads, state_a, state_b, param_rates, steps}, meta, ptr_mirror,
-                                  ptr_table, /*num_slots=*/0, /*writes=*/true);
+                                  ptr_table, /*num_slots=*/0, /*writes=*/true, Runner::capturing(meta.device()));
   ApplyArgs a{};
   a.tables = ops.tables;
   a.hyper = {coupled_weight_decay, decoupled_weight_decay, beta1, beta2, eps, momentum, dampening,

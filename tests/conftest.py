@@ -10,6 +10,9 @@ Environment knobs
 ``MLHD_TEST_DEVICE``   device the fast backends run on (default ``cpu``); the reference
                        oracle always runs on the CPU in float64.
 ``MLHD_TEST_BACKENDS`` comma list restricting FAST_BACKENDS (e.g. ``triton``).
+``MLHD_CUDA_ON_CPU``   on a CPU test device, defaults to ``1``: backend ``cuda`` then runs the
+                       CUDA kernels of csrc/cuda emulated on the CPU (csrc/cuda_on_cpu), so
+                       the whole suite covers them without a GPU. ``0`` leaves them out.
 ``MLHD_SLOW_BACKENDS`` comma list of backends that are slow (default ``triton``, e.g. the
                        Triton interpreter on CPU).  For those, tests marked ``heavy`` are
                        skipped and ``small_shapes`` is used, unless ``MLHD_TEST_FULL=1``.
@@ -23,7 +26,10 @@ Markers
 from __future__ import annotations
 
 import os
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("MLHD_TEST_DEVICE", "cpu").startswith("cuda") else "1")  # before triton kernels are defined
+_ON_CPU = not os.environ.get("MLHD_TEST_DEVICE", "cpu").startswith("cuda")
+# both before multilevel_hd is imported: they choose how the GPU backends run on CPU tensors
+os.environ.setdefault("TRITON_INTERPRET", "1" if _ON_CPU else "0")
+os.environ.setdefault("MLHD_CUDA_ON_CPU", "1" if _ON_CPU else "0")
 
 import pytest
 import torch

@@ -151,7 +151,7 @@ def _op_args(shapes=((3, 5), (4,)), param_level=False):
     rates = [1e-3 * torch.rand(s, generator=gen) for s in shapes] if param_level else []
     steps = [torch.tensor(3.0) for _ in shapes]
     plan = StepPlan(GroupLayout.of(params), tuple(range(len(params))))
-    meta, num_slots = cpp_backend._launch_table(plan.active_layouts, torch.device("cpu"))
+    meta, num_slots = cpp_backend._launch_table(plan.active_layouts, torch.device("cpu"), "cpu")
     units, ptrs = plan.layout.num_units, 6 * len(params)
     tables = (meta, torch.zeros(ptrs, dtype=torch.int64), torch.zeros(ptrs, dtype=torch.int64))
     lists = (params, grads, m, v, rates, steps)

@@ -17,7 +17,7 @@ import torch
 
 import multilevel_hd as mlhd
 from conftest import DEVICE
-from multilevel_hd.backends import cpp_backend, unavailable_reason
+from multilevel_hd.backends import cpp_backend, cuda_backend, unavailable_reason
 from multilevel_hd.hierarchy import GroupLayout, StepPlan
 from multilevel_hd.levels import UnitSums, update_levels
 from multilevel_hd.options import resolve
@@ -37,8 +37,8 @@ STAGES = {
                unavailable_reason("triton", DEVICE)),
     "cpp": (cpp_backend.level_stage, torch.float32, unavailable_reason("cpp", DEVICE)),
     "cpp-float64": (cpp_backend.level_stage, torch.float64, unavailable_reason("cpp", DEVICE)),
-    "cuda": (cpp_backend.level_stage, torch.float32, unavailable_reason("cuda", DEVICE)),
-    "cuda-float64": (cpp_backend.level_stage, torch.float64, unavailable_reason("cuda", DEVICE)),
+    "cuda": (cuda_backend.level_stage, torch.float32, unavailable_reason("cuda", DEVICE)),
+    "cuda-float64": (cuda_backend.level_stage, torch.float64, unavailable_reason("cuda", DEVICE)),
 }
 # relative tolerance of a stage against the torch stage, per state dtype (sums in other orders)
 RTOL = {torch.float32: 2e-6, torch.float64: 1e-13}

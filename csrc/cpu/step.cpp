@@ -157,6 +157,7 @@ MLHD_VECTOR_CLONES void apply_chunks(const ApplyArgs& a, const Coef<math_t<S>> k
 }
 
 struct CpuRunner {
+  static bool capturing(at::Device) { return false; }  // (CUDA graphs capture CUDA streams only)
   static void reduce(const ReduceArgs& a, Dtype dtype, at::Device) {
     const int64_t chunks = a.tables.num_chunks, chunk_grain = grain(chunks, num_elements(a.tables));
     dispatch_dtype<c10::Half, c10::BFloat16>(dtype, [&](auto* tag) {

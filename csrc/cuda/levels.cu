@@ -3,9 +3,8 @@
 // update_group, then every thread updates some units. One block because the parts must wait
 // for each other and the arrays are small (one entry per unit); the whole stage is a few
 // microseconds of the step.
-#include <cuda_runtime.h>
-
 #include "../levels.h"
+#include "runtime.cuh"
 #include "step.cuh"
 
 namespace mlhd::cuda {
@@ -59,16 +58,16 @@ __global__ void __launch_bounds__(kLevelThreads) level_stage_kernel(LevelArgs a)
 }  // namespace
 
 const char* launch_levels(const LevelArgs& a, bool float64, void* stream) {
+  if (const char* error = pending_error()) return error;
   auto s = static_cast<cudaStream_t>(stream);
   if (float64) {
-    if (a.multiplicative) level_stage_kernel<double, true><<<1, kLevelThreads, 0, s>>>(a);
-    else level_stage_kernel<double, false><<<1, kLevelThreads, 0, s>>>(a);
+    if (a.multiplicative) MLHD_LAUNCH(1, kLevelThreads, s, level_stage_kernel<double, true>)(a);
+    else MLHD_LAUNCH(1, kLevelThreads, s, level_stage_kernel<double, false>)(a);
   } else {
-    if (a.multiplicative) level_stage_kernel<float, true><<<1, kLevelThreads, 0, s>>>(a);
-    else level_stage_kernel<float, false><<<1, kLevelThreads, 0, s>>>(a);
+    if (a.multiplicative) MLHD_LAUNCH(1, kLevelThreads, s, level_stage_kernel<float, true>)(a);
+    else MLHD_LAUNCH(1, kLevelThreads, s, level_stage_kernel<float, false>)(a);
   }
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return launch_status();
 }
 
 }  // namespace mlhd::cuda

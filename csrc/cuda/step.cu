@@ -6,10 +6,7 @@
 // per-chunk slots, and cleanup kernels add them in a fixed order: no atomics, the same
 // bits on every run. The apply kernel reads the gate on the device and returns at once
 // for a skipped step; nothing waits for the host. Element indices are int64.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
+#include "runtime.cuh"
 #include "step.cuh"
 
 namespace mlhd {
@@ -152,45 +149,48 @@ __global__ void count_steps_kernel(Tables tables, const T* gate) {
   if (i < tables.num_tensors && *gate != 0) *pointer<float>(tables.ptrs + i * kPtrFields, kStep) += 1;
 }
 
-const char* status() {
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
 }  // namespace
 
 const char* launch_reduce(const ReduceArgs& a, Dtype dtype, void* stream) {
+  if (const char* error = pending_error()) return error;
   auto s = static_cast<cudaStream_t>(stream);
   dispatch_dtype<__half, __nv_bfloat16>(dtype, [&](auto* tag) {
     using S = std::remove_pointer_t<decltype(tag)>;
     using T = math_t<S>;
     dispatch_reduce(a, [&](auto u, auto param, auto wd) {
-      reduce_kernel<S, decltype(u)::value, decltype(param)::value, decltype(wd)::value>
-          <<<static_cast<unsigned>(a.tables.num_chunks), kThreads, 0, s>>>(a);
+      MLHD_LAUNCH(static_cast<unsigned>(a.tables.num_chunks), kThreads, s,
+                  reduce_kernel<S, decltype(u)::value, decltype(param)::value, decltype(wd)::value>)(a);
     });
     if (a.uprev != Uprev::None) {
       const unsigned tensors = a.tables.num_tensors < 65535 ? unsigned(a.tables.num_tensors) : 65535u;
-      unit_sums_kernel<T><<<dim3(4, tensors), kThreads, 0, s>>>(a);
+      MLHD_LAUNCH(dim3(4, tensors), kThreads, s, unit_sums_kernel<T>)(a);
     }
-    totals_kernel<T><<<1, kThreads, 0, s>>>(a);
+    MLHD_LAUNCH(1, kThreads, s, totals_kernel<T>)(a);
   });
-  return status();
+  return launch_status();
 }
 
 const char* launch_apply(const ApplyArgs& a, Dtype dtype, void* stream) {
+  if (const char* error = pending_error()) return error;
   auto s = static_cast<cudaStream_t>(stream);
   dispatch_dtype<__half, __nv_bfloat16>(dtype, [&](auto* tag) {
     using S = std::remove_pointer_t<decltype(tag)>;
     dispatch_apply(a, [&](auto direction, auto param) {
-      apply_kernel<S, decltype(direction)::value, decltype(param)::value>
-          <<<static_cast<unsigned>(a.tables.num_chunks), kThreads, 0, s>>>(a);
+      MLHD_LAUNCH(static_cast<unsigned>(a.tables.num_chunks), kThreads, s,
+                  apply_kernel<S, decltype(direction)::value, decltype(param)::value>)(a);
     });
-    count_steps_kernel<math_t<S>>
-        <<<blocks_for(a.tables.num_tensors), kThreads, 0, s>>>(a.tables, static_cast<const math_t<S>*>(a.gate));
+    MLHD_LAUNCH(blocks_for(a.tables.num_tensors), kThreads, s, count_steps_kernel<math_t<S>>)(
+        a.tables, static_cast<const math_t<S>*>(a.gate));
   });
-  return status();
+  return launch_status();
+}
+
+bool stream_capturing(void* stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status) == cudaSuccess &&
+         status != cudaStreamCaptureStatusNone;
 }
 
 }  // namespace cuda

@@ -12,4 +12,7 @@ const char* launch_reduce(const ReduceArgs& a, Dtype dtype, void* stream);
 const char* launch_apply(const ApplyArgs& a, Dtype dtype, void* stream);
 const char* launch_levels(const LevelArgs& a, bool float64, void* stream);
 
+// Whether the stream is capturing a CUDA graph (the pointer tables must not be uploaded then).
+bool stream_capturing(void* stream);
+
 }  // namespace mlhd::cuda

@@ -1,4 +1,5 @@
-"""The compiled backend: "cpp" for CPU tensors, "cuda" (cuda_backend.py) for CUDA tensors.
+"""The compiled backend: "cpp" for CPU tensors, "cuda" (cuda_backend.py) for CUDA tensors (and
+for CPU tensors through the CUDA kernels emulated on the CPU, MLHD_CUDA_ON_CPU=1).
 
 A step is the three stages of every fast backend, as compiled ops (csrc/):
 `torch.ops.multilevel_hd.reduce` (one pass over the elements: per-unit sums of g*u_prev,
@@ -53,13 +54,18 @@ class _Bucket:
     math: torch.dtype
     meta: torch.Tensor  # int64 launch table on the device (csrc/common.h)
     num_slots: int
-    ptr_mirror: torch.Tensor  # host copy of the pointer table, for the ops to compare against
-    ptr_table: torch.Tensor
+    # per op (reduce, apply): the host copy of its pointer table, which the op compares
+    # against, and the table on the device. Two tables, because a tensor the kernels walk
+    # through a staged copy (ops.cpp) has another copy in each op: one shared table would
+    # be uploaded twice in every step.
+    ptr_mirrors: tuple[torch.Tensor, torch.Tensor]
+    ptr_tables: tuple[torch.Tensor, torch.Tensor]
 
 
-def _launch_table(layouts, device) -> tuple[torch.Tensor, int]:
-    """The ops' int64 table of tensors and chunks (layout: csrc/common.h), and its slot count."""
-    chunk, seg, max_segs = _CHUNKING[device.type]
+def _launch_table(layouts, device, geometry: str) -> tuple[torch.Tensor, int]:
+    """The ops' int64 table of tensors and chunks (layout: csrc/common.h) for the kernels of
+    `geometry` ("cpu" or "cuda", whatever device runs them), and its slot count."""
+    chunk, seg, max_segs = _CHUNKING[geometry]
     tensors, chunks, slots = [], [], 0
     for i, lay in enumerate(layouts):
         per_row = -(-lay.row_len // seg)
@@ -75,21 +81,21 @@ def _launch_table(layouts, device) -> tuple[torch.Tensor, int]:
     return (meta if device.type == "cpu" else meta.pin_memory().to(device, non_blocking=True)), slots
 
 
-def _buckets(job: GroupJob, device) -> list[_Bucket]:
+def _buckets(job: GroupJob, device, geometry: str) -> list[_Bucket]:
     dtypes = tuple(p.dtype for p in job.params)
 
     def make():
         layouts, out = job.plan.active_layouts, []
         for dtype in dict.fromkeys(dtypes):
             index = [i for i, d in enumerate(dtypes) if d == dtype]
-            meta, num_slots = _launch_table([layouts[i] for i in index], device)
+            meta, num_slots = _launch_table([layouts[i] for i in index], device, geometry)
             ptrs = len(index) * _PTR_FIELDS
-            out.append(_Bucket(None if len(index) == len(dtypes) else index, compute_dtype(dtype), meta,
-                               num_slots, torch.zeros(ptrs, dtype=torch.int64),
-                               torch.zeros(ptrs, dtype=torch.int64, device=device)))
+            out.append(_Bucket(None if len(index) == len(dtypes) else index, compute_dtype(dtype), meta, num_slots,
+                               tuple(torch.zeros(ptrs, dtype=torch.int64) for _ in range(2)),
+                               tuple(torch.zeros(ptrs, dtype=torch.int64, device=device) for _ in range(2))))
         return out
 
-    return job.plan.cached(("fused", device, dtypes), make)
+    return job.plan.cached(("fused", device, geometry, dtypes), make)
 
 
 def _pick(items: list, index):
@@ -106,9 +112,9 @@ _GATE, _HD_GATE, _PARAM_KAPPA, _PARAM_HD, _COEF_SCALARS = range(5)
 _LEVEL_CODES = {None: -1, **{level: i for i, level in enumerate(LEVELS)}}  # csrc/levels.h, Level
 
 
-def level_stage(job: GroupJob, sums: UnitSums) -> StepCoefficients:
-    """Stage 2 as one op (`torch.ops.multilevel_hd.levels`): what `update_levels(job, sums)`
-    computes, the group state updated in place; not for a sharded group."""
+def level_stage(job: GroupJob, sums: UnitSums, ops=torch.ops.multilevel_hd) -> StepCoefficients:
+    """Stage 2 as one op (`ops.levels`): what `update_levels(job, sums)` computes, the group
+    state updated in place; not for a sharded group."""
     opts, plan, gs = job.opts, job.plan, job.group_state
     device, acc = gs["weights"].device, gs["weights"].dtype
     multiplicative = opts.rule == "multiplicative"
@@ -125,7 +131,7 @@ def level_stage(job: GroupJob, sums: UnitSums) -> StepCoefficients:
     param_sums = "param" in opts.levels and opts.multi_level
     units = plan.layout.num_units
     coef = torch.empty(_COEF_SCALARS + 2 * units, dtype=acc, device=device)
-    torch.ops.multilevel_hd.levels(
+    ops.levels(
         sums.s, sums.qg, sums.qu, sums.param_dot if param_sums else None, sums.param_sq if param_sums else None,
         sums.finite if opts.skip_nonfinite else None, found_inf, lr_scale, plan.units_per_layer(device),
         plan.size_scale("unit", device, acc), plan.size_scale("layer", device, acc), plan.unit_mask(device, acc),
@@ -147,9 +153,15 @@ def level_stage(job: GroupJob, sums: UnitSums) -> StepCoefficients:
 
 
 def step(job: GroupJob) -> None:
+    device = job.group_state["weights"].device
+    run_step(job, torch.ops.multilevel_hd, device.type)
+
+
+def run_step(job: GroupJob, ops, geometry: str) -> None:
+    """One step through the three compiled ops of `ops` (an op namespace: the real library's,
+    or the emulation's), with the launch tables of `geometry`'s kernels."""
     opts, plan, gs = job.opts, job.plan, job.group_state
     acc, device = gs["weights"].dtype, gs["weights"].device
-    ops = torch.ops.multilevel_hd
     multiplicative = opts.rule == "multiplicative"
     hypergrad_sums = opts.multi_level or "param" not in opts.levels  # else nothing needs S
     param_level = "param" in opts.levels
@@ -166,7 +178,7 @@ def step(job: GroupJob) -> None:
     coupled = 0.0 if opts.decoupled_weight_decay else opts.weight_decay
     decoupled = opts.weight_decay if opts.decoupled_weight_decay else 0.0
 
-    buckets = _buckets(job, device)
+    buckets = _buckets(job, device, geometry)
     lists = [[_pick(x, b.index) for x in (job.params, job.grads, state_a, state_b, rates, steps)] for b in buckets]
     # (-1 if maximize) / GradScaler's scale, in each bucket's math dtype: both passes multiply
     # the raw gradient by it as they read it
@@ -180,7 +192,7 @@ def step(job: GroupJob) -> None:
             own = b.math != acc
             b_sums = torch.zeros_like(unit_sums, dtype=b.math) if own else unit_sums
             b_totals = torch.zeros_like(totals, dtype=b.math) if own else totals
-            ops.reduce(*args, b.meta, b.ptr_mirror, b.ptr_table, b.num_slots, direction, hypergrad_sums,
+            ops.reduce(*args, b.meta, b.ptr_mirrors[0], b.ptr_tables[0], b.num_slots, direction, hypergrad_sums,
                        param_level and opts.multi_level, factors[b.math], coupled, opts.beta1, opts.beta2, opts.eps,
                        b_sums, b_totals)
             if own:
@@ -195,11 +207,11 @@ def step(job: GroupJob) -> None:
         sums.finite = totals[2] == 0
 
     # a sharded group all-reduces its totals midway through the stage (levels._group_totals)
-    c = update_levels(job, sums) if job.sharding_group is not None else level_stage(job, sums)
+    c = update_levels(job, sums) if job.sharding_group is not None else level_stage(job, sums, ops)
 
     lo, hi = opts.rate_bounds if opts.rate_bounds is not None else (None, None)
     for b, args in zip(buckets, lists):
-        ops.apply(*args, b.meta, b.ptr_mirror, b.ptr_table, direction, factors[b.math], coupled, decoupled,
+        ops.apply(*args, b.meta, b.ptr_mirrors[1], b.ptr_tables[1], direction, factors[b.math], coupled, decoupled,
                   opts.beta1, opts.beta2, opts.eps, opts.momentum, opts.dampening, _as(c.gate, b.math),
                   _as(c.hd_gate, b.math), _as(c.kappa_units, b.math), _as(c.param_kappa, b.math),
                   _as(c.param_hd, b.math), _as(c.param_parent, b.math), multiplicative,
