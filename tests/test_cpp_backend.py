@@ -1,7 +1,8 @@
 """The compiled backend beyond the shared suite: what only the C++/CUDA code can get wrong.
 
 * launch tables on tensors larger than a chunk (rows cut into several segments, many chunks
-  per tensor), against the reference;
+  per tensor), against the reference, for "cpp" and for "cuda" (on a CPU: its kernels under
+  the emulation, csrc/cuda_on_cpu; tests/test_cuda_on_cpu.py has the emulation's own tests);
 * bit-identical results for any number of threads (fixed chunks, partials added in order);
 * layouts the kernels cannot walk directly (staged copies), float16, mixed dtypes;
 * the ops: schemas, torch.library.opcheck (fake impls, mutation annotations), torch.compile;
@@ -22,27 +23,30 @@ from multilevel_hd.backends import _csrc, available_backends, cpp_backend
 from multilevel_hd.hierarchy import GroupLayout, StepPlan
 
 from cases import OPTION_CASES
+from conftest import DEVICE
 from trajectory import (TOL_F32, TOL_F64, GradFn, Tol, assert_bitwise_equal_snapshots,
                         assert_trajectories_close, make_params, opt_class, run_case, run_optimizer)
 
 HAS_CPP = "cpp" in available_backends("cpu")
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="the cpp backend is unavailable here")
+# The compiled backends on the test device: "cpp" on a CPU, and "cuda" on a GPU or emulated.
+COMPILED = [b for b in ("cpp", "cuda") if b in available_backends(DEVICE)]
 CASES = {c.name: c for c in OPTION_CASES}
 
-# Rows longer than the CPU chunk (split into segments), tensors of many chunks, a
-# channels_last conv, a 0-d and a single-row tensor.
+# Rows longer than a segment (cut into several), tensors of many chunks, a channels_last
+# conv, a 0-d and a single-row tensor.
 BIG_SHAPES = (((3, 40000), False), ((70001,), False), ((64, 3, 7, 7), True), ((), False),
               ((1, 20000), False))
 BIG_CASES = ["adam-default", "adam-multiplicative", "sgd-shrink-all", "sgd-multiplicative",
              "sgd-nesterov", "sgd-momentum-dampening", "adamw-hd-decay-shrink"]
 
 
-@needs_cpp
+@pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("name", BIG_CASES)
-def test_large_tensors_match_reference(name):
-    fast = run_case(CASES[name], "cpp", torch.float64, steps=4, shapes=BIG_SHAPES)
+def test_large_tensors_match_reference(name, backend):
+    fast = run_case(CASES[name], backend, torch.float64, steps=4, shapes=BIG_SHAPES, device=DEVICE)
     ref = run_case(CASES[name], "reference", torch.float64, steps=4, shapes=BIG_SHAPES)
-    assert_trajectories_close(fast, ref, TOL_F64, label=f"{name} cpp vs reference")
+    assert_trajectories_close(fast, ref, TOL_F64, label=f"{name} {backend} vs reference")
 
 
 @needs_cpp
@@ -83,60 +87,63 @@ def test_steps_bit_identical_for_any_thread_count(name):
         assert_bitwise_equal_snapshots(run, runs[0], label=f"{name}: {n} threads vs 1")
 
 
-def _odd_layout_params():
+def _odd_layout_params(device="cpu"):
     """A transposed and a strided parameter, a channels_last one, and a plain one."""
     gen = torch.Generator().manual_seed(0)
-    dense = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+
+    def randn(*shape):  # the same values on any device
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device)
+
+    dense = randn(7, 5)
     return [torch.nn.Parameter(dense.t()),  # dense, but dim 0 innermost
-            torch.nn.Parameter(torch.randn(6, 8, generator=gen, dtype=torch.float64)[:, ::2]),
-            torch.nn.Parameter(torch.randn(4, 3, 2, 2, generator=gen, dtype=torch.float64)
-                               .contiguous(memory_format=torch.channels_last)),
-            torch.nn.Parameter(torch.randn(9, 2, generator=gen, dtype=torch.float64))]
+            torch.nn.Parameter(randn(6, 8)[:, ::2]),
+            torch.nn.Parameter(randn(4, 3, 2, 2).contiguous(memory_format=torch.channels_last)),
+            torch.nn.Parameter(randn(9, 2))]
 
 
-@needs_cpp
-def test_layouts_the_kernels_cannot_walk():
+@pytest.mark.parametrize("backend", COMPILED)
+def test_layouts_the_kernels_cannot_walk(backend):
     """Parameters whose rows are not contiguous and gradients in another layout than their
     parameter go through copies; results match the reference."""
     runs = {}
-    for backend in ("cpp", "reference"):
-        params = _odd_layout_params()
+    for name in (backend, "reference"):
+        params = _odd_layout_params(DEVICE if name != "reference" else "cpu")
         opt = mlhd.MultiLevelAdam(params, lr=0.01, hypergrad_lr=3e-6, levels=("global", "layer", "unit", "param"),
-                                  init_weights=(1, 2, 3, 4), backend=backend)
+                                  init_weights=(1, 2, 3, 4), backend=name)
         history = []
         for step in range(4):
             gen = torch.Generator().manual_seed(step)
             for p in params:
-                g = torch.randn(p.shape, generator=gen, dtype=p.dtype) + p.detach()
+                g = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) + p.detach()
                 p.grad = g.t().contiguous().t() if g.dim() == 2 else g.contiguous()  # other strides
             opt.step()
-            history.append([p.detach().clone() for p in params] + [r.clone() for r in opt.rates()[0]["unit"]])
-        runs[backend] = history
-    for fast, ref in zip(runs["cpp"], runs["reference"]):
+            history.append([p.detach().cpu() for p in params] + [r.cpu() for r in opt.rates()[0]["unit"]])
+        runs[name] = history
+    for fast, ref in zip(runs[backend], runs["reference"]):
         for a, b in zip(fast, ref):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@needs_cpp
+@pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("name", ["adam-default", "sgd-nesterov"])
-def test_float16_matches_reference(name):
-    fast = run_case(CASES[name], "cpp", torch.float16)
+def test_float16_matches_reference(name, backend):
+    fast = run_case(CASES[name], backend, torch.float16, device=DEVICE)
     ref = run_case(CASES[name], "reference", torch.float16)
     assert_trajectories_close(fast, ref, Tol(rtol=1e-2, atol_param=1e-2, atol_rate=5e-5, atol_weight=1e-3),
-                              label=f"{name} cpp vs reference, float16")
+                              label=f"{name} {backend} vs reference, float16")
 
 
-@needs_cpp
-def test_mixed_dtype_group_matches_reference():
+@pytest.mark.parametrize("backend", COMPILED)
+def test_mixed_dtype_group_matches_reference(backend):
     """float32 and float64 parameters in one group: two buckets, float64 level sums."""
     shapes = (((5, 6), False), ((7,), False), ((4, 3, 2, 2), False))
     runs = {}
-    for backend in ("cpp", "reference"):
-        ps = make_params(torch.float64, "cpu", 0, shapes)
+    for name in (backend, "reference"):
+        ps = make_params(torch.float64, DEVICE if name != "reference" else "cpu", 0, shapes)
         ps[1] = ps[1].detach().float().requires_grad_()
-        opt = opt_class("Adam")(ps, backend=backend, **CASES["adam-multiplicative"].kwargs)
-        runs[backend] = run_optimizer(opt, GradFn(shapes), 6)
-    assert_trajectories_close(runs["cpp"], runs["reference"], TOL_F32, label="mixed dtypes")
+        opt = opt_class("Adam")(ps, backend=name, **CASES["adam-multiplicative"].kwargs)
+        runs[name] = run_optimizer(opt, GradFn(shapes), 6)
+    assert_trajectories_close(runs[backend], runs["reference"], TOL_F32, label="mixed dtypes")
 
 
 # ------------------------------------------------------------------------------------------

@@ -151,6 +151,15 @@ __global__ void count_steps_kernel(Tables tables, const T* gate) {
 
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
+// The current device's grid-y limit, asked of the runtime rather than assumed (so that the
+// emulation can lower it and test the loop that covers what the grid does not).
+int64_t max_grid_y() {
+  int device = 0, limit = 65535;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&limit, cudaDevAttrMaxGridDimY, device) != cudaSuccess)
+    limit = 65535;  // (the launch then reports whatever is wrong with the device)
+  return limit;
+}
+
 }  // namespace
 
 const char* launch_reduce(const ReduceArgs& a, Dtype dtype, void* stream) {
@@ -164,7 +173,9 @@ const char* launch_reduce(const ReduceArgs& a, Dtype dtype, void* stream) {
                   reduce_kernel<S, decltype(u)::value, decltype(param)::value, decltype(wd)::value>)(a);
     });
     if (a.uprev != Uprev::None) {
-      const unsigned tensors = a.tables.num_tensors < 65535 ? unsigned(a.tables.num_tensors) : 65535u;
+      // grid y is limited (65,535 on every GPU so far): its blocks loop over the tensors beyond
+      const int64_t limit = max_grid_y();
+      const unsigned tensors = unsigned(a.tables.num_tensors < limit ? a.tables.num_tensors : limit);
       MLHD_LAUNCH(dim3(4, tensors), kThreads, s, unit_sums_kernel<T>)(a);
     }
     MLHD_LAUNCH(1, kThreads, s, totals_kernel<T>)(a);

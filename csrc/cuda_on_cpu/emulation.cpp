@@ -62,6 +62,7 @@ struct Scheduler {
   unsigned prepared = 0;      // fibers with a stack and an entry context
   unsigned threads = 0;       // in the current block
   unsigned at_block_barrier = 0;
+  unsigned at_warp_barrier[kMaxThreads / kWarp] = {};  // lanes waiting in a shuffle, per warp
   Fiber* current = nullptr;
   const std::function<void()>* body = nullptr;
   jmp_buf home;
@@ -188,7 +189,8 @@ void block_barrier_release() {
 
 // The lanes of `mask` in f's warp, if all of them wait at a shuffle: exchange and release.
 void warp_barrier_try_release(Fiber& caller) {
-  const unsigned base = caller.linear / kWarp * kWarp;
+  const unsigned warp = caller.linear / kWarp, base = warp * kWarp;
+  if (++S.at_warp_barrier[warp] < unsigned(__builtin_popcount(caller.mask))) return;  // (checked in full below)
   for (unsigned lane = 0; lane < kWarp; ++lane) {
     if (!(caller.mask >> lane & 1u)) continue;
     if (base + lane >= S.threads)
@@ -198,7 +200,7 @@ void warp_barrier_try_release(Fiber& caller) {
     if (f.exited)
       fail(thread_name(caller) + " waits in __shfl_down_sync at " + where(caller.file, caller.line) + " for " +
            thread_name(f) + ", which has exited");
-    if (f.wait != Wait::Warp) return;  // not there yet
+    if (f.wait != Wait::Warp) return;  // not there yet (another lane of the warp waits at a shuffle)
     if (f.mask != caller.mask || f.file != caller.file || f.line != caller.line)
       fail("divergent __shfl_down_sync: " + thread_name(caller) + " at " + where(caller.file, caller.line) +
            " with mask " + std::to_string(caller.mask) + ", " + thread_name(f) + " at " + where(f.file, f.line) +
@@ -219,6 +221,7 @@ void warp_barrier_try_release(Fiber& caller) {
     S.fibers[base + lane].wait = Wait::None;
     S.fibers[base + lane].ready = true;
   }
+  S.at_warp_barrier[warp] = 0;
 }
 
 // Nobody can run, yet not every thread has exited: say what they wait for.
@@ -268,10 +271,11 @@ bool run_block(Order order, std::mt19937_64& rng) {
     f.index = {i % blockDim.x, i / blockDim.x % blockDim.y, i / (blockDim.x * blockDim.y)};
   }
   S.at_block_barrier = 0;
-  std::vector<unsigned> ids(S.threads);
-  if (order != Order::Random) arrange(ids, order, rng);
+  std::fill(std::begin(S.at_warp_barrier), std::end(S.at_warp_barrier), 0u);
+  static std::vector<unsigned> ids;  // (one launch at a time)
+  ids.resize(S.threads);
+  arrange(ids, order, rng);
   for (;;) {
-    if (order == Order::Random) arrange(ids, order, rng);
     bool ran = false;
     for (unsigned i : ids) {
       Fiber& f = S.fibers[i];
@@ -280,6 +284,7 @@ bool run_block(Order order, std::mt19937_64& rng) {
       resume(&f);
       if (!S.error.empty()) return false;
     }
+    if (order == Order::Random) std::shuffle(ids.begin(), ids.end(), rng);  // a new order each round
     if (!ran) {
       if (std::all_of(S.fibers, S.fibers + S.threads, [](const Fiber& f) { return f.exited; }))
         return true;
@@ -289,12 +294,18 @@ bool run_block(Order order, std::mt19937_64& rng) {
   }
 }
 
+int max_grid_y() {
+  const char* v = std::getenv("MLHD_CUDA_ON_CPU_MAX_GRID_Y");
+  const long limit = v ? std::strtol(v, nullptr, 10) : 0;
+  return limit > 0 && limit < 65535 ? int(limit) : 65535;
+}
+
 std::string check_config(dim3 grid, dim3 block) {
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   if (threads == 0 || threads > kMaxThreads || block.x > 1024 || block.y > 1024 || block.z > 64)
     return "invalid configuration argument: block (" + std::to_string(block.x) + "," + std::to_string(block.y) +
            "," + std::to_string(block.z) + ")";
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > unsigned(max_grid_y()) || grid.z > 65535)
     return "invalid configuration argument: grid (" + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," +
            std::to_string(grid.z) + ")";
   return "";
@@ -386,6 +397,16 @@ const char* cudaGetErrorString(cudaError_t error) {
   if (error == cudaSuccess) return "no error";
   message = mlhd_emu::last_message;
   return message.c_str();
+}
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  if (attr == cudaDevAttrMaxGridDimY) *value = mlhd_emu::max_grid_y();
+  return cudaSuccess;
 }
 
 cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {

@@ -15,7 +15,9 @@
 //   descending or random (MLHD_CUDA_ON_CPU_ORDER, MLHD_CUDA_ON_CPU_SEED, read per launch):
 //   a result that changes with the order has a race (a missing barrier, say).
 // - Launch configurations are checked as the hardware checks them (block <= 1024 threads,
-//   grid y and z <= 65535), and errors surface through cudaGetLastError as on a GPU.
+//   grid y and z <= 65535, y's limit lowered by MLHD_CUDA_ON_CPU_MAX_GRID_Y for tests), and
+//   errors surface through cudaGetLastError as on a GPU.
+// - The lanes of one warp shuffle with one mask at a time (so the kernels do).
 // What it cannot catch: anything about real memory (coalescing, alignment faults, caches,
 // the memory model of concurrent blocks), out-of-range accesses unless built with
 // AddressSanitizer (tests/emulation/ does that for the emulation's own tests),
@@ -60,6 +62,11 @@ cudaError_t cudaGetLastError();
 cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorString(cudaError_t error);
 cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status);
+// One device, 0, whose grid-y limit is MLHD_CUDA_ON_CPU_MAX_GRID_Y (default 65535, as on a
+// GPU): tests lower it to reach code that covers what the grid does not, with small grids.
+enum cudaDeviceAttr { cudaDevAttrMaxGridDimY = 6 };
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 
 // Half types: c10's, which round to nearest even like the CUDA intrinsics.
 using __half = c10::Half;
