@@ -14,6 +14,7 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -222,3 +223,39 @@ def test_no_pointer_upload_inside_a_capture():
         after = [p.detach() for p in params] + list(opt.state[params[0]].values())
         assert all(torch.equal(a, b) for a, b in zip(before, after))
 
+
+
+_SANITIZED_RUN = """
+import torch
+import multilevel_hd as mlhd
+shapes = [(7, 5), (3,), (), (4, 3, 2, 2), (130, 70), (3, 5000), (40000,)]
+configs = [(mlhd.MultiLevelAdam, dict(levels=("global", "layer", "unit", "param"), hypergrad_rule="multiplicative")),
+           (mlhd.MultiLevelSGD, dict(momentum=0.9, nesterov=True, shrinkage={"unit": 0.1},
+                                     levels=("global", "layer", "unit")))]
+for cls, kwargs in configs:
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+        opt = cls(params, lr=1e-2, backend="cuda", **kwargs)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+print("clean")
+"""
+
+
+@emulated
+@needs_cxx
+def test_the_real_kernels_stay_in_bounds_under_address_sanitizer():
+    """The emulated kernels built with AddressSanitizer (MLHD_CUDA_ON_CPU_SANITIZE=address), in
+    a process that preloads libasan: any read or write past a tensor's memory, by the launch
+    tables' index math or a kernel's loop bounds, aborts the run. (Checked by hand: a unit
+    loop running one row too far is caught.)"""
+    libasan = subprocess.run([CXX, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libasan) or not os.path.exists(libasan):
+        pytest.skip("no libasan for this compiler")
+    env = dict(os.environ, MLHD_CUDA_ON_CPU="1", MLHD_CUDA_ON_CPU_SANITIZE="address", LD_PRELOAD=libasan,
+               ASAN_OPTIONS="detect_leaks=0")
+    done = subprocess.run([sys.executable, "-c", _SANITIZED_RUN], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and "clean" in done.stdout, (done.stdout + done.stderr)[-3000:]

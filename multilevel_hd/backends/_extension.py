@@ -30,6 +30,10 @@ EMULATION_NAME = "multilevel_hd_cuda_on_cpu"
 # Read once, like TRITON_INTERPRET: whether backend "cuda" runs CPU tensors through the
 # emulated CUDA kernels (a testing mode: much slower than "cpp").
 CUDA_ON_CPU = os.environ.get("MLHD_CUDA_ON_CPU", "0") == "1"
+# MLHD_CUDA_ON_CPU_SANITIZE=address builds the emulated kernels with AddressSanitizer (the
+# CPU's stand-in for compute-sanitizer's memcheck); the process must then preload libasan
+# (tests/test_cuda_on_cpu.py shows how).
+SANITIZE = os.environ.get("MLHD_CUDA_ON_CPU_SANITIZE", "")
 BUILD_HINT = "or build it ahead of time: MLHD_BUILD_EXT=1 pip install -e . --no-build-isolation"
 
 
@@ -52,7 +56,9 @@ def emulation_error() -> str | None:
     if not CUDA_ON_CPU:
         return "set MLHD_CUDA_ON_CPU=1 before importing multilevel_hd to run the CUDA kernels on CPU tensors"
     try:
-        _build(EMULATION_NAME, _csrc.emulation_sources(), [*_csrc.CXX_FLAGS, *_csrc.EMULATION_FLAGS], "cuda_on_cpu")
+        sanitize = [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer"] if SANITIZE else []
+        _build(EMULATION_NAME, _csrc.emulation_sources(), [*_csrc.CXX_FLAGS, *_csrc.EMULATION_FLAGS, *sanitize],
+               "cuda_on_cpu", sanitize)
     except Exception as err:
         return f"the CUDA-on-CPU emulation could not be built: {_first_line(err)}"
     return None
@@ -76,7 +82,7 @@ def _load() -> None:
     _build(NAME, _csrc.sources(with_cuda), list(_csrc.CXX_FLAGS), "cuda" if with_cuda else "cpu")
 
 
-def _build(name: str, sources: list[str], cflags: list[str], flavour: str) -> None:
+def _build(name: str, sources: list[str], cflags: list[str], flavour: str, ldflags: list[str] = ()) -> None:
     """Compiles (or finds in the cache) one library of csrc/ and loads it, registering its ops."""
     from torch.utils import cpp_extension
 
@@ -87,7 +93,7 @@ def _build(name: str, sources: list[str], cflags: list[str], flavour: str) -> No
         raise RuntimeError(f"ninja is missing (pip install ninja), {BUILD_HINT}")
     if not os.path.isdir(_csrc.CSRC):
         raise RuntimeError(f"the C++ sources are not installed ({_csrc.CSRC} is missing); {BUILD_HINT}")
-    build_dir = _build_dir(flavour, cflags)
+    build_dir = _build_dir(flavour, cflags)  # (cflags include any sanitizer, so its build has its own)
     os.makedirs(build_dir, exist_ok=True)
     if _stale(os.path.join(build_dir, name + ".so")):
         print(f"multilevel_hd: compiling {name} into {build_dir} (first use only, 1-2 minutes)",
@@ -95,7 +101,7 @@ def _build(name: str, sources: list[str], cflags: list[str], flavour: str) -> No
     cpp_extension.load(
         # copies: load() appends to the flag lists it is given, and _build_dir hashes them
         name=name, sources=sources, extra_cflags=list(cflags),
-        extra_cuda_cflags=list(_csrc.NVCC_FLAGS), extra_ldflags=list(_csrc.LD_FLAGS), build_directory=build_dir,
+        extra_cuda_cflags=list(_csrc.NVCC_FLAGS), extra_ldflags=[*_csrc.LD_FLAGS, *ldflags], build_directory=build_dir,
         with_cuda=flavour == "cuda",
         is_python_module=False,
     )
