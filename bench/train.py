@@ -800,7 +800,8 @@ def throughput(args, argv: list[str]) -> None:
     lines = [f"`{shlex.join(['python', '-m', 'bench.train', *argv])}`: ResNet-50 (torchvision layout, "
              f"{sum(p.numel() for p in model.parameters()):,} parameters in {len(list(model.parameters()))} "
              f"tensors), batch {batch} of {args.image_size}x{args.image_size} synthetic images, float32, "
-             f"{device}, multilevel_hd backend {backend!r}, median of {steps} steps after {warmup} warm-up.", "",
+             f"{device}, multilevel_hd backend {args.backends or repr(backend)}, median of {steps} steps after "
+             f"{warmup} warm-up.", "",
              "| optimizer | images / s | step ms | optimizer.step() ms | optimizer share % | peak GiB |",
              "|---|---|---|---|---|---|"]
     for r in rows:
