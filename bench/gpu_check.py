@@ -239,11 +239,11 @@ def _stage_output(log: Path, name: str) -> list[str]:
     if not log.exists():
         return []
     text = log.read_text(errors="replace")
-    start = text.find(f"===== {name} ")
+    start = text.find(f"\n===== stage {name} ")
     if start < 0:
         return []
-    body = text[start:].split("\n", 1)[1] if "\n" in text[start:] else ""
-    return body.split("\n===== ", 1)[0].strip().splitlines()
+    body = text[start + 1:].split("\n", 1)[1] if "\n" in text[start + 1:] else ""
+    return body.split("\n===== stage ", 1)[0].strip().splitlines()
 
 
 def summary(args) -> int:

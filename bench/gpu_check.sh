@@ -49,7 +49,7 @@ stage() {  # stage NAME LIMIT COMMAND...: run it under a time limit, its output 
         return 0
     fi
     echo "== $name: started at +$((SECONDS - t0)) s, limit $limit s: $*"
-    printf '\n===== %s (limit %s s): %s\n' "$name" "$limit" "$*" >>"$log"
+    printf '\n===== stage %s (limit %s s): %s\n' "$name" "$limit" "$*" >>"$log"
     local offset start=$SECONDS rc status
     offset=$(wc -c <"$log")
     timeout -k 5 "$limit" "$@" >>"$log" 2>&1
@@ -76,7 +76,7 @@ stage() {  # stage NAME LIMIT COMMAND...: run it under a time limit, its output 
 # one process the heavy cases, and of the GPU tests all but the GPU-only ones, would not
 # fit the time limits.
 PYTEST=("$PY" -m pytest -p no:cacheprovider -rfEs --durations=5 "$([ $mode = cuda ] && echo -v || echo -q)")
-PAR=() LIGHT=(-m "not heavy") FOCUS=(-k "gpu_hazards or cuda_graphs or no_host_sync or nonfinite or odd_size")
+PAR=() LIGHT=(-m "not heavy") FOCUS=(-k "gpu_hazards or cuda_graphs or no_host_sync or nonfinite or overflow or odd_size")
 if [ $mode = cuda ] && "$PY" -c "import xdist" 2>/dev/null; then
     PAR=(-n 8) LIGHT=() FOCUS=()
 fi
@@ -100,8 +100,8 @@ GPU_TESTS=(tests/test_gpu_hazards.py tests/test_cuda_graphs.py tests/test_amp.py
     tests/test_invariants.py::test_nonfinite_gradient_skips_the_group_step)
 
 if [ $mode = cuda ]; then
-    # limits: 20 + 60 + 45 + 45 + 25 + 25 + 30 + 35 + 5 = 290 s
-    stage preflight 20 "$PY" -m bench.gpu_check preflight --device cuda ||
+    # limits: 15 + 60 + 45 + 45 + 25 + 25 + 35 + 35 + 5 = 290 s
+    stage preflight 15 "$PY" -m bench.gpu_check preflight --device cuda ||
         { echo "gpu_check (cuda): PREFLIGHT FAILED, nothing else can run"; exit 1; }
     stage build 60 "$PY" -m bench.gpu_check build --device cuda
     after_build $?
@@ -116,7 +116,7 @@ if [ $mode = cuda ]; then
         --out "$out/report.md"
     stage throughput 25 "$PY" -m bench.train --throughput --device cuda --backends triton,cuda \
         --batch-size 96 --steps 10 --out "$out"
-    stage sanitize 30 "$PY" -m bench.gpu_check sanitize --device cuda --timeout 25
+    stage sanitize 35 "$PY" -m bench.gpu_check sanitize --device cuda --timeout 30
     # Inductor compiles the ResNet-50 step in the warm-up: the hardest stage to predict, last
     stage compile 35 "$PY" -m bench.report --device cuda --models resnet50 --repeats 50 \
         --only mlhd-adam-torch,adam-fused --compile --out "$out/compile.md"

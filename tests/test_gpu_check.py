@@ -79,3 +79,41 @@ def test_a_missing_required_backend_fails_loudly(tmp_path):
     assert "BUILD STAGE FAILED: required backend(s) cuda cannot run on cpu" in output
     assert "== build: FAILED (exit 1)" in output
     assert output.strip().splitlines()[-1].startswith("gpu_check (cpu): SOME STEPS FAILED: build"), output
+
+
+def test_sanitizer_verdicts():
+    from bench.gpu_check import _sanitizer_verdict
+
+    assert _sanitizer_verdict("memcheck", 0, "========= ERROR SUMMARY: 0 errors\n") == \
+        (True, "memcheck: clean (ERROR SUMMARY: 0 errors)")
+    ok, line = _sanitizer_verdict("racecheck", 1, "========= RACECHECK SUMMARY: 1 hazard displayed (1 error)\n")
+    assert not ok and "FAILED" in line and "1 hazard" in line
+    assert not _sanitizer_verdict("memcheck", None, "")[0]  # timed out: not checked
+    ok, line = _sanitizer_verdict("memcheck", 1, "========= Error: Device not supported\n")
+    assert ok and "skipped" in line  # gVisor machines refuse the sanitizer: reported, not failed
+
+
+def test_gpu_summary_writes_gpu_md_and_the_committed_copy(tmp_path, monkeypatch):
+    """The GPU mode's summary, on files shaped like a GPU run's (torch is not imported)."""
+    from bench import gpu_check
+
+    out, repo = tmp_path / "out", tmp_path / "repo"
+    out.mkdir()
+    (repo / "bench" / "results").mkdir(parents=True)
+    monkeypatch.setattr(gpu_check, "REPO", repo)
+    (out / "gpu_check.log").write_text(
+        "\n===== stage preflight (limit 15 s): python3 -m bench.gpu_check preflight --device cuda\n"
+        "python 3.12.3 (/opt/torch/.venv/bin/python3), torch 2.11.0+cu130 (CUDA 13.0), x86_64\n"
+        "GPU: NVIDIA H100 80GB HBM3, sm_90, 132 SMs, 79 GiB (78 GiB free), torch arch list ['sm_90']\n"
+        "\n===== stage gpu-tests (limit 45 s): python3 -m pytest -v\n[gw0] PASSED tests/test_amp.py::x\n"
+        "=========== short test summary info ===========\n===== 170 passed, 3 skipped in 40.1s =====\n")
+    (out / "stages.tsv").write_text("preflight\t15\t4\tpassed\ngpu-tests\t45\t41\tpassed\n")
+    (out / "report.md").write_text("# multilevel_hd optimizer step benchmark\n\n| model |\n|---|\n| resnet50 |\n")
+    assert gpu_check.main(["summary", "--mode", "cuda", "--out", str(out)]) == 0
+    text = (out / "gpu.md").read_text()
+    assert text == (repo / "bench" / "results" / "gpu.md").read_text()
+    assert "- GPU: NVIDIA H100 80GB HBM3, sm_90" in text and "dry run" not in text
+    assert "- gpu-tests: 170 passed, 3 skipped in 40.1s" in text
+    assert "preflight 15/4 passed; gpu-tests 45/41 passed" in text
+    assert "### multilevel_hd optimizer step benchmark" in text and "| resnet50 |" in text
+    assert "(not produced: the throughput stage" in text and "(not produced: the compile stage" in text
