@@ -29,8 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Backends that must run for the check to mean anything. On the CPU the compiled ops are
-# the cpp backend; the cuda backend joins only where MLHD_CUDA_ON_CPU emulates it.
-REQUIRED = {"cuda": ("torch", "triton", "cuda"), "cpu": ("torch", "triton", "cpp")}
+# the cpp backend's and the cuda backend's emulated (gpu_check.sh sets MLHD_CUDA_ON_CPU=1).
+REQUIRED = {"cuda": ("torch", "triton", "cuda"), "cpu": ("torch", "triton", "cpp", "cuda")}
 SHOWN = ("torch", "triton", "cuda", "cpp")
 
 
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
         if name == "build":
             p.add_argument("--require", default=os.environ.get("MLHD_GPU_CHECK_REQUIRE"),
                            help="comma list of backends that must be available "
-                                "(default: torch,triton,cuda on cuda; torch,triton,cpp on cpu)")
+                                "(default: torch,triton,cuda on cuda; torch,triton,cpp,cuda on cpu)")
         if name == "sanitize":
             p.add_argument("--timeout", type=float, default=60.0, help="seconds for both sanitizer runs")
     p = sub.add_parser("summary")

@@ -4,8 +4,8 @@
 #   bash bench/gpu_check.sh         with the machine's own python3 (torch, triton, nvcc, pytest
 #                                   are there) from this tree, PYTHONPATH=.; installs nothing
 #   bash bench/gpu_check.sh --cpu   the same stages on the CPU: Triton interpreter, tiny shapes,
-#                                   the cpp backend for the compiled one (cuda joins only where
-#                                   MLHD_CUDA_ON_CPU=1 emulates it), no compute-sanitizer, plus
+#                                   the cuda backend's kernels emulated (MLHD_CUDA_ON_CPU=1) beside
+#                                   the cpp backend, no compute-sanitizer, plus
 #                                   every Triton kernel variant compiled for sm_90
 # Every stage runs under its own time limit (the GPU run's limits add up to 290 s) and
 # prints a line when it starts and one with its result and time, so a run cut short still
@@ -35,7 +35,8 @@ if [ $mode = cuda ]; then
     export MLHD_TEST_DEVICE=cuda TRITON_INTERPRET=0 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 else
     PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-    export MLHD_TEST_DEVICE=cpu TRITON_INTERPRET=1
+    # the compiled backend's CUDA kernels run on the CPU too, emulated (csrc/cuda_on_cpu)
+    export MLHD_TEST_DEVICE=cpu TRITON_INTERPRET=1 MLHD_CUDA_ON_CPU=${MLHD_CUDA_ON_CPU:-1}
 fi
 # cuda is left out by conftest where it cannot run; the build stage fails loudly instead
 export MLHD_TEST_BACKENDS=torch,triton,cuda
