@@ -104,8 +104,12 @@ def bias_correction(step, log_beta):
 
 @triton.jit
 def adam_direction(m, v, bc1, bc2, eps):
-    """SPEC section 3: (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)."""
-    return (m / bc1) / (tl.sqrt(v / bc2) + eps)
+    """SPEC section 3: (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
+
+    IEEE-rounded, as torch.optim's fused Adam and the cuda backend: on CUDA `/` and
+    tl.sqrt compile to approximations (div.full.f32, sqrt.approx.ftz.f32);
+    tests/test_triton_ptx.py checks the PTX."""
+    return tl.div_rn(tl.div_rn(m, bc1), tl.sqrt_rn(tl.div_rn(v, bc2)) + eps)
 
 
 @triton.jit

@@ -271,21 +271,37 @@ def test_steps_need_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    """The float32 spacing at |x|."""
+    x = x.abs().float()
+    return torch.nextafter(x, torch.full_like(x, float("inf"))) - x
+
+
 @cuda_only
-def test_plain_adam_on_an_odd_size_matches_torch_optim():
-    """hypergrad_lr=0: the rates never move, so this is torch.optim.Adam, on apex's odd
-    278,011 elements plus a matrix of long rows (tails, several chunks, long pieces)."""
+def test_plain_adam_on_an_odd_size_matches_fused_torch_adam_within_ulps():
+    """hypergrad_lr=0: the rates never move, so this is torch.optim.Adam, here its fused
+    CUDA kernel, on apex's odd 278,011 elements plus a matrix of long rows (tails, several
+    chunks, long pieces).
+
+    Both compute IEEE-rounded float32 (the PTX test checks ours) by different formulas:
+    (m / bc1) / (sqrt(v / bc2) + eps) against (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps),
+    the moments in float32 against double, and kappa = 0.8 lr + 0.2 lr against lr. So a
+    step may differ by one rounding of p and a few of the update (|update| <= ~lr):
+    at most 4 ulp of max(|p|, lr) per step. Under the interpreter on the CPU, against the
+    CPU fused kernel, the worst after 5 steps is 7."""
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(278_011, generator=gen), torch.randn(64, 4_700, generator=gen)]
+    lr, steps = 1e-3, 5
     runs = []
     for make in (
-        lambda ps: mlhd.MultiLevelAdam(ps, lr=1e-3, hypergrad_lr=0.0, backend="triton"),
-        lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=False),
+        lambda ps: mlhd.MultiLevelAdam(ps, lr=lr, hypergrad_lr=0.0, backend="triton"),
+        lambda ps: torch.optim.Adam(ps, lr=lr, fused=True),
     ):
         params = [b.clone().to(DEVICE).requires_grad_() for b in base]
         opt = make(params)
-        for seed in range(5):
+        for seed in range(steps):
             _step_with_grads(opt, params, seed)
-        runs.append(params)
-    for a, b in zip(*runs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        runs.append([p.detach().cpu() for p in params])
+    for ours, fused in zip(*runs):
+        ulps = (ours - fused).abs() / _ulp(fused.abs().clamp(min=lr))
+        assert ulps.max() <= 4 * steps, f"{ulps.max():.0f} ulp apart"
