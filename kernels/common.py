@@ -32,7 +32,8 @@ META_PIECES = tl.constexpr(3)  # reduction pieces per unit (1 unless the row is 
 META_PIECE_LEN = tl.constexpr(4)  # elements per piece (the last piece of a unit may be shorter)
 META_SLOT = tl.constexpr(5)  # where the tensor's piece sums go in the sums rows
 META_UNIT_STRIDE = tl.constexpr(6)  # p.stride(0): row_len unless the layout is strided
-META_COLS = tl.constexpr(7)
+META_UNITS = tl.constexpr(7)  # numel // row_len, so that no kernel divides in 64 bits for it
+META_COLS = tl.constexpr(8)
 
 # Base optimizer (the `KIND` switch of both kernels).
 SGD = tl.constexpr(0)
@@ -42,12 +43,12 @@ ADAM = tl.constexpr(1)
 @triton.jit
 def tensor_meta(table, tensor):
     """The tensor's metadata row:
-    (numel, row_len, unit_offset, pieces, piece_len, slot, unit_stride)."""
+    (numel, row_len, unit_offset, pieces, piece_len, slot, unit_stride, units)."""
     row = table + tensor * META_COLS
     return (
         tl.load(row + META_NUMEL), tl.load(row + META_ROW_LEN), tl.load(row + META_UNIT_OFFSET),
         tl.load(row + META_PIECES), tl.load(row + META_PIECE_LEN), tl.load(row + META_SLOT),
-        tl.load(row + META_UNIT_STRIDE),
+        tl.load(row + META_UNIT_STRIDE), tl.load(row + META_UNITS),
     )
 
 

@@ -51,3 +51,10 @@ def test_division_and_square_root_round_as_ieee(variants):
     approximate = [(name, switches) for name, switches, counts in variants if counts["approximate div/sqrt"]]
     assert approximate == []
 
+
+def test_reduction_has_no_64_bit_division(variants):
+    """A 64-bit integer division is a software routine of dozens of instructions on the
+    GPU; the reduction must not run one per element (tile row or column)."""
+    counts = [(switches, c["64-bit div/rem"]) for name, switches, c in variants if name == "reduce_kernel"]
+    assert len(counts) == 2  # contiguous and strided
+    assert all(n == 0 for _, n in counts), counts

@@ -208,7 +208,7 @@ class GroupTables:
         self.signature = signature
         rows = zip(self.layouts, self.pieces, self.slots, signature)
         meta = [
-            (t.numel, t.row_len, t.unit_offset, count, length, slot, stride)
+            (t.numel, t.row_len, t.unit_offset, count, length, slot, stride, t.units)
             for t, (_, count, length), slot, (_, stride) in rows
         ]
         self.meta = torch.tensor(meta, dtype=torch.int64).to(self.device)
@@ -220,8 +220,9 @@ class GroupTables:
                 if kinds[i] != kind:
                     continue
                 rows = reduce.TILE.value // _TILE_COLUMNS[cls]
-                firsts = torch.arange(0, t.units * count, rows)
-                reduce_cols.append(torch.stack([torch.full_like(firsts, i), firsts, torch.full_like(firsts, cls)]))
+                firsts = torch.arange(0, t.units * count, rows)  # each tile's first piece
+                reduce_cols.append(torch.stack(
+                    [torch.full_like(firsts, i), firsts // count, firsts % count, torch.full_like(firsts, cls)]))
                 starts = torch.arange(0, t.numel, step.BLOCK.value)
                 step_cols.append(torch.stack([torch.full_like(starts, i), starts]))
             reduce_chunks = torch.cat(reduce_cols, 1).to(self.device)
