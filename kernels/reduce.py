@@ -97,7 +97,9 @@ def _reduce_tile(
             # m = v = 0, and max(step, 1) keeps the bias corrections finite (u_prev = 0).
             step = tl.load(tl.load(pointers + ROLE_STEP * n_tensors + tensor).to(tl.pointer_type(tl.float32)))
             step = tl.maximum(step, 1.0)
-            v = tl.load(s2_ptr + offs, mask=mask, other=0.0)
+            # masked lanes: m = 0 and v = 1 give u = 0 for every eps (v = 0 and eps = 0,
+            # a legal Adam option, would give 0/0 = NaN and poison the sums)
+            v = tl.load(s2_ptr + offs, mask=mask, other=1.0)
             u = adam_direction(u, v, bias_correction(step, log_beta1), bias_correction(step, log_beta2), eps)
         h = g * u
         out = sums + slot + q

@@ -98,6 +98,15 @@ def test_skip_nonfinite_false_matches_reference():
     assert_trajectories_close(got, _reference(case, skip_nonfinite=False), TOL_F32, label="no guard")
 
 
+@pytest.mark.parametrize("name", ["adam-default", "adam-multiplicative"])
+def test_adam_without_eps_matches_reference(name):
+    """eps=0 is a legal Adam option; the reduction's masked lanes (m = v = 0) must not
+    compute u = 0/0 and poison the sums."""
+    case = _case(name)
+    got = _run(case, "triton", torch.float32, eps=0.0)
+    assert_trajectories_close(got, _reference(case, eps=0.0), TOL_F32, label="eps=0")
+
+
 # Half precision: parameters and gradients in 16 bits, state and rates in float32. Both
 # backends round the parameters once per step, so they agree to an ulp or so; against the
 # float64 reference the 16-bit parameters drift further (see test_backends.py).
