@@ -118,10 +118,12 @@ def to_dtype(x, DTYPE: tl.constexpr):
     """float32 -> DTYPE with round-to-nearest-even, as torch rounds.
 
     bfloat16 is rounded by hand: the interpreter's float32 -> bfloat16 cast truncates,
-    and a truncating cast biases every half-precision step toward zero."""
+    and a truncating cast biases every half-precision step toward zero. A NaN is
+    truncated with its quiet bit set instead: the rounding's carry would turn 0x7FFFFFFF
+    (a GPU's NaN) into -0.0, and truncation alone 0x7F800001 into +Inf."""
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
+        bits = tl.where(x != x, bits | 0x400000, bits + 0x7FFF + ((bits >> 16) & 1))
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)

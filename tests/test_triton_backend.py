@@ -23,7 +23,12 @@ from trajectory import (TOL_F32, GradFn, Tol, assert_bitwise_equal_snapshots, as
 if unavailable_reason("triton", DEVICE) is not None:
     pytest.skip(f"triton backend: {unavailable_reason('triton', DEVICE)}", allow_module_level=True)
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from multilevel_hd.backends import triton_backend, triton_tables  # noqa: E402  (needs triton)
+
+to_dtype = triton_tables.common.to_dtype
 
 # Every tile class of the reduction and both step-chunk kinds (numel 5,834).
 KERNEL_SHAPES = (
@@ -121,6 +126,28 @@ def test_half_precision(name, dtype):
     got = _run(case, "triton", dtype)
     assert_trajectories_close(got, _run(case, "torch", dtype), TOL_HALF_SAME, label=f"{name} vs torch")
     assert_trajectories_close(got, _reference(case), TOL_HALF_F64, label=f"{name} vs reference")
+
+
+@triton.jit
+def _to_bfloat16_kernel(src, dst, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(dst + i, to_dtype(tl.load(src + i, mask=i < n), tl.bfloat16), mask=i < n)
+
+
+def test_bfloat16_rounding_keeps_nan():
+    """The step kernel's float32 -> bfloat16 rounding (by hand: see kernels/common.py)
+    rounds to nearest even as torch does, and keeps a NaN a NaN (skip_nonfinite=False
+    lets one reach it): adding the rounding bias carried a GPU's canonical NaN
+    0x7FFFFFFF into the sign bit (-0.0), and 0x7F800001 became +Inf."""
+    bits = [0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x7FC00000, 0xFFC00000, 0x7F807FFF,  # NaNs
+            0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x00000000, 0x80000000, 0x00000001,  # inf, max, 0, tiny
+            0x3F808000, 0x3F818000, 0x3F808001, 0xBF80FFFF]  # ties to even, above a tie, a carry
+    x = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32).to(DEVICE)
+    out = torch.empty(len(bits), dtype=torch.bfloat16, device=DEVICE)
+    _to_bfloat16_kernel[(1,)](x, out, len(bits), BLOCK=triton.next_power_of_2(len(bits)))
+    nan = x.isnan()
+    assert out.isnan().tolist() == nan.tolist()
+    assert torch.equal(out[~nan].view(torch.int16), x[~nan].to(torch.bfloat16).view(torch.int16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
