@@ -285,6 +285,24 @@ def test_non_dense_parameter_steps_with_the_torch_backend(monkeypatch):
     assert torch.equal(*results)
 
 
+def test_gradient_differing_only_in_size_one_strides_steps_with_triton(monkeypatch):
+    """A gradient whose strides differ from its parameter's only in a size-1 dimension has
+    every element at the same offset (csrc/ops.cpp same_layout's rule): no fallback."""
+    monkeypatch.setattr(triton_backend, "_warned", set())
+    results = {}
+    for backend in ("triton", "torch"):
+        p = torch.arange(12.0).reshape(4, 1, 3).to(DEVICE).requires_grad_()  # strides (3, 3, 1)
+        opt = mlhd.MultiLevelAdam([p], lr=0.1, backend=backend)
+        for step in range(3):
+            p.grad = torch.empty_strided((4, 1, 3), (3, 7, 1), device=DEVICE)
+            p.grad.copy_(torch.linspace(-1.0, 1.0 + step, 12).reshape(4, 1, 3))
+            opt.step()
+            if backend == "triton":
+                assert triton_backend.launches_last_step > 0  # 0: it fell back to torch
+        results[backend] = p.detach()
+    torch.testing.assert_close(results["triton"], results["torch"])
+
+
 def test_unavailable_reason_is_a_sentence():
     assert triton_backend.unavailable_reason(DEVICE) is None
     assert "Triton" in triton_backend.unavailable_reason(torch.device("meta"))

@@ -246,7 +246,13 @@ def _check_like(tensors, params, role: int):
         ok = all(s.dtype == torch.float32 and s.dim() == 0 for s in tensors)
         return None if ok else "a parameter's step count is not a float32 scalar"
     if role == ROLE_GRAD:  # (torch lets a parameter's grad_dtype differ from its dtype)
-        ok = all(g.stride() == p.stride() and g.dtype == p.dtype for g, p in zip(tensors, params))
+        ok = all(_same_layout(g, p) and g.dtype == p.dtype for g, p in zip(tensors, params))
     else:
-        ok = all(x.stride() == p.stride() and x.dtype == torch.float32 for x, p in zip(tensors, params))
+        ok = all(_same_layout(x, p) and x.dtype == torch.float32 for x, p in zip(tensors, params))
     return None if ok else "a gradient or state tensor differs from its parameter in layout or dtype"
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Every element at the same offset: the strides of size-1 dimensions do not matter
+    (autograd may give such a gradient other strides there); csrc/ops.cpp's same_layout."""
+    return a.shape == b.shape and all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
