@@ -112,6 +112,14 @@ def test_adam_without_eps_matches_reference(name):
     assert_trajectories_close(got, _reference(case, eps=0.0), TOL_F32, label="eps=0")
 
 
+def test_integer_rate_bounds_act_as_floats():
+    """Python ints in rate_bounds reach the kernels as float32 (as int arguments Triton
+    would compile them as i32/i64, specialise 1 as a constant, and reject 2**70)."""
+    case = _case("sgd-bounds-lohi")
+    runs = [_run(case, "triton", torch.float32, rate_bounds=bounds, steps=3) for bounds in ((0, 2**70), (0.0, 2.0**70))]
+    assert_bitwise_equal_snapshots(*runs)
+
+
 # Half precision: parameters and gradients in 16 bits, state and rates in float32. Both
 # backends round the parameters once per step, so they agree to an ulp or so; against the
 # float64 reference the 16-bit parameters drift further (see test_backends.py).
