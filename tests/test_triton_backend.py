@@ -233,6 +233,26 @@ def test_pointer_rows_upload_only_when_addresses_change(monkeypatch):
     assert tables.pointers[triton_tables.ROLE_GRAD].tolist() == [p.grad.data_ptr() for p in params]
 
 
+def test_table_upload_inside_a_graph_capture_raises(monkeypatch):
+    """A CUDA graph would capture a pointer-table upload from a host buffer that is reused
+    after the capture; a step that needs one while capturing raises instead. Here the
+    capture is pretended (the CPU has none); tests/test_cuda_graphs.py captures for real."""
+    params = _tiny_params(3)
+    opt = mlhd.MultiLevelAdam(params, levels=ALL_LEVELS, backend="triton")
+    monkeypatch.setattr(triton_tables, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="first step inside a CUDA graph capture"):
+        _step_with_grads(opt, params, 0)
+    monkeypatch.setattr(triton_tables, "_capturing", lambda device: False)
+    _step_with_grads(opt, params, 0)  # eager warm-up
+    monkeypatch.setattr(triton_tables, "_capturing", lambda device: True)
+    for p in params:  # zero_grad(set_to_none=False) and backward: the same gradient tensors
+        p.grad.mul_(0.5)
+    opt.step()
+    with pytest.raises(RuntimeError, match=r"new gradient tensors .*zero_grad\(set_to_none=False\)"):
+        opt.zero_grad(set_to_none=True)
+        _step_with_grads(opt, params, 1)
+
+
 def _all_tensors(opt):
     """Every tensor a step may write, but the skip counter."""
     out = [p.detach().clone() for g in opt.param_groups for p in g["params"]]

@@ -11,7 +11,8 @@ row is checked and re-uploaded only when its tensors changed since the last step
 addresses; for gradients also layout and dtype): with `zero_grad(set_to_none=True)` that
 is the gradient row every step, a tuple comparison otherwise. On CUDA the upload is a
 non-blocking copy from pinned memory (the caching host allocator keeps the buffer alive
-until the copy has run), so a step never waits for the device.
+until the copy has run), so a step never waits for the device. Such a copy must not be
+captured in a CUDA graph (see `_refuse_capture`).
 """
 from __future__ import annotations
 
@@ -127,6 +128,7 @@ class GroupTables:
     """Everything the kernels of one group's step read besides the tensors themselves."""
 
     def __init__(self, plan: StepPlan, device: torch.device):
+        _refuse_capture(device, "the group's first step")
         self.device = device
         self.layouts: list[TensorLayout] = plan.active_layouts
         self.n = len(self.layouts)
@@ -199,12 +201,14 @@ class GroupTables:
         return None
 
     def _upload(self, role: int, addresses: list) -> None:
+        _refuse_capture(self.device, f"new {_ROLE_NAMES[role]} tensors")
         host = torch.tensor(addresses, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         self.pointers[role].copy_(host, non_blocking=True)
         self._aligned[role] = not any(a & 15 for a in addresses)
 
     def _build_layout(self, signature: tuple) -> None:
         """The metadata table and the chunk tables, one bucket per (dtype, strided)."""
+        _refuse_capture(self.device, "a change of the parameters' dtypes or layouts")
         self.signature = signature
         rows = zip(self.layouts, self.pieces, self.slots, signature)
         meta = [
@@ -230,6 +234,30 @@ class GroupTables:
             chunk_base += bucket.n_reduce
             self.buckets.append(bucket)
         self.partials = torch.zeros(3, chunk_base, dtype=torch.float32, device=self.device)
+
+
+_ROLE_NAMES = {ROLE_PARAM: "parameter", ROLE_GRAD: "gradient", ROLE_STATE1: "optimizer state",
+               ROLE_STATE2: "optimizer state", ROLE_RATE: "param_rate", ROLE_STEP: "step count"}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _refuse_capture(device: torch.device, cause: str) -> None:
+    """Table uploads (a fresh host buffer copied without blocking) cannot be captured in a
+    CUDA graph: every replay would copy from that buffer after it was freed and reused.
+    Raise a clear error instead: a captured step must see the tensors of the last eager
+    step (a tuple comparison finds that nothing needs uploading)."""
+    if _capturing(device):
+        raise RuntimeError(
+            f"multilevel_hd triton backend: {cause} inside a CUDA graph capture; the step would "
+            "capture an upload of its pointer table from host memory that is reused after the "
+            "capture. Capture whole iterations only after eager warm-up steps, with gradients "
+            "that keep their memory: call opt.zero_grad(set_to_none=False) (not "
+            "set_to_none=True) so that backward accumulates into the same .grad tensors, or "
+            "assign static gradient tensors."
+        )
 
 
 def _key(role: int, tensors) -> tuple:
