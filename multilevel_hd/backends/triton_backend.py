@@ -102,7 +102,8 @@ def _block(n: int) -> int:
 
 
 class _LevelTables:
-    """The level stage's per-plan tables (uploaded once per plan) and its scratch buffer."""
+    """The level stage's per-plan tables (uploaded once per plan) and its scratch buffer,
+    reused by every step: steps on two streams must be ordered (see triton_tables)."""
 
     def __init__(self, plan, device):
         layers, f32 = plan.layout.tensors, torch.float32

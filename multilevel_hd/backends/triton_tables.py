@@ -4,7 +4,10 @@ Static tables (from the plan's layout): per tensor its sizes and where its sums 
 (`meta`), the reduction and step chunk lists (one program per chunk, grouped in one
 bucket per parameter dtype), the units of long rows that the finishing launch adds up,
 and the buffers the kernels write (sums, partials, flags). They change only with the
-plan, or when a parameter's dtype changes.
+plan, or when a parameter's dtype changes. Every step of a group reuses them, so its
+steps must be ordered on the device, as its parameters and state need anyway: a step on
+another stream must wait for the last one (`Stream.wait_stream`). Keying them by stream
+would not help, since two unordered steps race on the parameters themselves.
 
 Pointer table: int64 [NUM_ROLES, n_tensors], one row per role (param, grad, states). A
 row is checked and re-uploaded only when its tensors changed since the last step (their
