@@ -30,8 +30,9 @@ struct LevelArgs {
   const void *s, *qg, *qu, *param_dot, *param_sq, *lr_scale;
   const bool* finite;     // the reduction's flag; null without the non-finite guard
   const void* found_inf;  // GradScaler's, math type; null without one
-  // The plan: units per layer; N / N_k per unit and per layer; 1 where a tensor steps.
-  const int64_t* units_per_layer;
+  // The plan: each layer's first unit, then num_units [num_layers + 1]; N / N_k per unit and
+  // per layer; 1 where a tensor steps.
+  const int64_t* first_unit;
   const void *unit_scale, *layer_scale, *unit_mask, *layer_mask;
   int64_t num_layers, num_units;
   // The group state (math type, skipped int64), updated in place; rates of inactive levels null.
@@ -39,9 +40,8 @@ struct LevelArgs {
   void* rate[kCoarseLevels];  // global, layer, unit
   int64_t* skipped;
   void* coef;  // out: [kCoefScalars + 2 * num_units]
-  // Scratch on the device: each layer's first unit [num_layers + 1] (filled by the runner),
-  // its sums [num_layers][kLayerSums], its old and HD-updated rate (math type, [num_layers]).
-  int64_t* first_unit;
+  // Scratch on the device: each layer's sums [num_layers][kLayerSums], its old and
+  // HD-updated rate (math type, [num_layers]).
   double* layer_sums;
   void *old_layer, *hd_layer;
   // Options.

@@ -33,8 +33,6 @@ void sum_layer(const LevelArgs& a, int64_t l) {
 template <typename T, bool MULT>
 void level_stage(const LevelArgs& a) {
   const int64_t L = a.num_layers, g_size = grain(L, a.num_units);
-  a.first_unit[0] = 0;
-  for (int64_t l = 0; l < L; ++l) a.first_unit[l + 1] = a.first_unit[l] + a.units_per_layer[l];
   const bool unit_dot = a.num_levels > 1 && a.index[kUnitLevel] >= 0;
   at::parallel_for(0, L, g_size, [&](int64_t l0, int64_t l1) {
     for (int64_t l = l0; l < l1; ++l)

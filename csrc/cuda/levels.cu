@@ -32,11 +32,6 @@ template <typename T, bool MULT>
 __global__ void __launch_bounds__(kLevelThreads) level_stage_kernel(LevelArgs a) {
   __shared__ GroupStep<T> group;
   const int64_t L = a.num_layers;
-  if (threadIdx.x == 0) {
-    a.first_unit[0] = 0;
-    for (int64_t l = 0; l < L; ++l) a.first_unit[l + 1] = a.first_unit[l] + a.units_per_layer[l];
-  }
-  __syncthreads();
   if (a.num_levels > 1 && a.index[kUnitLevel] >= 0) sum_layers<T, MULT, true>(a);
   else sum_layers<T, MULT, false>(a);
   __syncthreads();
