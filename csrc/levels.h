@@ -41,9 +41,10 @@ struct LevelArgs {
   int64_t* skipped;
   void* coef;  // out: [kCoefScalars + 2 * num_units]
   // Scratch on the device: each layer's sums [num_layers][kLayerSums], its old and
-  // HD-updated rate (math type, [num_layers]).
+  // HD-updated rate (math type, [num_layers]), and a GroupStep<math type> (for a runner that
+  // hands update_group's result from one launch to the next).
   double* layer_sums;
-  void *old_layer, *hd_layer;
+  void *old_layer, *hd_layer, *group_step;
   // Options.
   int num_levels;
   int index[kNumLevels];    // each level's position in the weights, kNoLevel if inactive

@@ -209,9 +209,11 @@ void levels_op(const at::Tensor& s, const std::optional<at::Tensor>& qg, const s
   a.sized = sized;
   const bool float64 = math.dtype() == at::kDouble;
   const int64_t math_bytes = float64 ? 8 : 4;
-  at::Tensor scratch = at::empty({L * kLayerSums * 8 + 2 * L * math_bytes}, math.dtype(at::kByte));
+  const int64_t group_bytes = (int64_t(float64 ? sizeof(GroupStep<double>) : sizeof(GroupStep<float>)) + 7) / 8 * 8;
+  at::Tensor scratch = at::empty({L * kLayerSums * 8 + group_bytes + 2 * L * math_bytes}, math.dtype(at::kByte));
   a.layer_sums = reinterpret_cast<double*>(scratch.data_ptr());
-  a.old_layer = a.layer_sums + L * kLayerSums;
+  a.group_step = a.layer_sums + L * kLayerSums;
+  a.old_layer = static_cast<char*>(a.group_step) + group_bytes;  // (8-byte aligned, like each part)
   a.hd_layer = static_cast<char*>(a.old_layer) + L * math_bytes;
   Runner::levels(a, float64, device);
 }
