@@ -182,9 +182,10 @@ template <typename S> struct Convert {
   template <typename T> MLHD_HD static S store(T x) { return static_cast<S>(x); }
 };
 
-// The per-element code below has no branch on a per-call flag: a flag becomes a coefficient
-// that makes a term vanish exactly (x + 0 * y = x, x * 1 = x), which keeps the CPU loops
-// vectorised (GCC will not vectorise a select on a loop-invariant bool).
+// The per-element code below has no branch on a per-call flag: a flag becomes a select of
+// values computed anyway (which the CPU loops vectorise, with -fno-trapping-math), or a
+// coefficient where the term it multiplies is finite (x * 1 = x, 0 * buf = 0 for the zero
+// buffer of a first step); a coefficient of 0 on a term that may be infinite would be NaN.
 // grad_factor is read from the op's device scalar (ReduceArgs / ApplyArgs) by whoever
 // builds the Coef: once per CPU op call, once per CUDA thread.
 template <typename T>
@@ -290,33 +291,33 @@ MLHD_HD T clamp_rate(T x, T lo, T hi) {
 // The param level's coefficients for one call, from the level stage's device scalars.
 template <typename T>
 struct StepScalars {
-  T param_kappa;       // kappa_e = kappa_units[unit] + param_kappa * alpha_param_new[e]
-  T hd_mult, hd_add;   // the HD coefficient, on the multiplicative or the additive term
+  T param_kappa;  // kappa_e = kappa_units[unit] + param_kappa * alpha_param_new[e]
+  T hd;           // the HD coefficient of the rule's update
   T shrinkage, rate_min, rate_max;
+  bool multiplicative, shrink;
+  bool rates_move;  // t >= 2; before that every rate keeps exactly its value
   MLHD_HD explicit StepScalars(const ApplyArgs& a) {
     const Hyper& h = a.hyper;
     param_kappa = a.param_level ? *static_cast<const T*>(a.param_kappa) : T(0);
-    const T hd = a.param_level ? *static_cast<const T*>(a.param_hd) : T(0);
-    hd_mult = h.multiplicative ? hd : T(0);
-    hd_add = h.multiplicative ? T(0) : hd;
+    hd = a.param_level ? *static_cast<const T*>(a.param_hd) : T(0);
     shrinkage = T(h.shrinkage);
     rate_min = T(h.rate_min);
     rate_max = T(h.rate_max);
-    if (*static_cast<const T*>(a.hd_gate) == 0) {  // before t = 2 every rate stays exactly as it is
-      hd_mult = hd_add = shrinkage = T(0);
-      rate_min = -INFINITY;
-      rate_max = INFINITY;
-    }
+    multiplicative = h.multiplicative;
+    shrink = h.shrinkage != 0;
+    rates_move = *static_cast<const T*>(a.hd_gate) != 0;
   }
 };
 
 // The param level's HD update (SPEC step 4: multiplicative rate * (1 + hd * sign(h)) or
-// additive rate + hd * h, the other term vanishing), shrinkage toward its parent, clamp.
+// additive rate + hd * h), shrinkage toward its parent, clamp. Every switch is a select, never
+// a coefficient of 0: 0 * h is NaN for an infinite h (skip_nonfinite=False), so a switched-off
+// term or a rate that must not move would turn NaN.
 template <typename T>
 MLHD_HD T new_param_rate(T rate, T h, T parent, const StepScalars<T>& c) {
-  T r = rate * (1 + c.hd_mult * sign(h)) + c.hd_add * h;
-  r += c.shrinkage * (parent - r);
-  return clamp_rate(r, c.rate_min, c.rate_max);
+  T r = c.multiplicative ? rate * (1 + c.hd * sign(h)) : rate + c.hd * h;
+  r = c.shrink ? r + c.shrinkage * (parent - r) : r;
+  return c.rates_move ? clamp_rate(r, c.rate_min, c.rate_max) : rate;
 }
 
 // One tensor as the elementwise pass reads and writes it.
