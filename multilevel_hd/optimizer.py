@@ -16,7 +16,7 @@ import torch
 
 from . import backends
 from .hierarchy import GroupLayout, StepPlan
-from .options import DEFAULT_LEVELS, check_nonnegative, lr_scale, resolve, validate_group
+from .options import DEFAULT_LEVELS, check_nonnegative, lr_scale, resolve
 from .reference import applied_rate, rate_view
 from .state import (
     GroupJob,
@@ -69,8 +69,8 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     raise ValueError("multilevel_hd does not support complex parameters")
                 if not p.is_floating_point():
                     raise ValueError(f"parameters must be floating point, got {p.dtype}")
-            validate_group(group, self._kind)
-        except ValueError:
+            resolve(group, self._kind)
+        except (ValueError, TypeError):
             self.param_groups.pop()
             raise
         self.group_states.append(None)
@@ -157,9 +157,9 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         if cached is None or cached[0] != key:
             cached = self._options[index] = (key, resolve(group, self._kind))
         opts = cached[1]
+        check_nonnegative("lr", group["lr"])
         scale = lr_scale(group["lr"], opts.lr)
         if scale != opts.lr_scale:
-            check_nonnegative("lr", group["lr"])
             opts = dataclasses.replace(opts, lr_scale=float(scale))
             self._options[index] = (key, opts)
         return opts
