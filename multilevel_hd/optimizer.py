@@ -52,6 +52,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         self._plans: list = []
         self._options: list = []  # per group: (option key, GroupOptions) of the last step
         self._backends: list = []  # per group: the backend module of the last step
+        self._state_levels: list = []  # per group: the levels its state was made for (None: no state yet)
         # what `_option_key` compares: every option but lr, and the scheduler's base lr
         self._option_names = tuple(k for k in defaults if k != "lr") + ("initial_lr",)
         self.sharding_group = sharding_group
@@ -74,6 +75,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self.group_states.append(None)
+        self._state_levels.append(None)
         self._layouts.append(GroupLayout.of(group["params"]))
         self._plans.append(None)
         self._options.append(None)
@@ -94,14 +96,19 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Every group is checked before any group changes, so that a step that raises leaves
+        # everything as it was (a later group's bad option must not find an earlier one stepped).
+        for index, group in enumerate(self.param_groups):
+            self._init_group(group, index, check_only=True)
         for index, group in enumerate(self.param_groups):
             active = self._init_group(group, index)
             if active:
                 self._backends[index].step(self._job(index, group, active))
         return loss
 
-    def _init_group(self, group: dict, index: int) -> tuple:
+    def _init_group(self, group: dict, index: int, check_only: bool = False) -> tuple:
         """Everything host-side of a group's step: checks, options, plan, state, backend.
+        Every check comes before anything changes; `check_only` stops there.
 
         Returns the indices (in group order) of the parameters that step: those with a
         gradient and at least one element. Under torch.compile Dynamo runs this method
@@ -128,14 +135,28 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     f"the group); found {device} and {p.device}"
                 )
         opts = self._group_options(index, group)
-        self._backends[index] = backends.get(backends.resolve_backend(group["backend"], device))
+        backend = backends.resolve_backend(group["backend"], device)
+        state_levels = self._state_levels[index]
+        if state_levels is not None and state_levels != opts.levels:
+            raise ValueError(
+                f"param group {index}'s levels cannot change after its first step: its state is for "
+                f"{state_levels}, the group now says {opts.levels}"
+            )
+        keys = expected_param_keys(opts)
+        if any(self.state.get(params[j]) and set(self.state[params[j]]) != keys for j in active):
+            raise ValueError(
+                f"the state of param group {index} does not fit its options: momentum cannot become or "
+                "stop being 0, nor nesterov change, after a parameter's first step"
+            )
+        if check_only:
+            return active
+        self._backends[index] = backends.get(backend)
         group_state = self.group_states[index]
         if group_state is None:
             group_state = self.group_states[index] = new_group_state(
                 opts, self._layouts[index], device, group_dtype(params)
             )
-        elif group_state["weights"].numel() != len(opts.levels):
-            raise ValueError("a param group's levels cannot change after its first step")
+            self._state_levels[index] = opts.levels
         plan = self._plans[index]
         if plan is None or plan.active != active:
             plan = self._plans[index] = StepPlan(self._layouts[index], active)
@@ -263,7 +284,9 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                         for k, v in saved.items()
                     }
         self.group_states = []
+        self._state_levels = []
         for group, saved in zip(self.param_groups, state_dict["group_states"]):
+            self._state_levels.append(None if saved is None else tuple(group["levels"]))
             if saved is None:
                 self.group_states.append(None)
                 continue

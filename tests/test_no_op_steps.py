@@ -7,6 +7,9 @@
 * Without the guard (skip_nonfinite=False), a NaN or Inf gradient at t = 1 leaves the rates
   and weights at their initial values (SPEC 2: at t = 1 rates keep their initial values),
   and a later one moves them exactly as the reference backend does.
+* A step that raises (an option made bad between steps, levels or momentum changed after the
+  first step, a sparse gradient, a backend that cannot run) changes nothing, in any param
+  group, and the run then continues as one that never tried it.
 """
 import copy
 
@@ -31,6 +34,34 @@ BASES = {
     "adamw": ("AdamW", dict(lr=0.01)),
 }
 POISONED = 2  # the gradient that holds the NaN or Inf (a 2-D tensor in every shape set)
+
+
+# What makes the second of two param groups fail at the next step: options set on it (the
+# first group alone would step), or "sparse" (its last gradient). The backend is the one
+# that cannot run on the test device.
+FAILURES = {
+    "levels-other-same-size": (dict(levels=("global", "layer")), ValueError),
+    "levels-reordered": (dict(levels=("unit", "global")), ValueError),
+    "levels-added": (dict(levels=("global", "unit", "param")), ValueError),
+    "momentum-to-zero": (dict(momentum=0.0), ValueError),
+    "bounds-string": (dict(rate_bounds=("a", None)), TypeError),
+    "bounds-nan": (dict(rate_bounds=(float("nan"), None)), ValueError),
+    "beta-inf": (dict(hypergrad_lr=float("inf")), ValueError),
+    "beta-inactive-level": (dict(hypergrad_lr={"param": 1e-3}), ValueError),
+    "shrinkage-inactive-level": (dict(shrinkage={"layer": 0.1}), ValueError),
+    "lr-nan": (dict(lr=float("nan")), ValueError),
+    "backend-unknown": (dict(backend="numpy"), ValueError),
+    "backend-cannot-run": (dict(backend="cuda" if DEVICE.type == "cpu" else "cpp"), RuntimeError),
+    "sparse": (None, RuntimeError),
+}
+SLOW_FAILURES = ("levels-other-same-size", "bounds-string", "sparse")
+
+
+def _failure_cases():
+    for backend in BACKENDS:
+        for name in FAILURES:
+            if not is_slow(backend) or name in SLOW_FAILURES:
+                yield pytest.param(backend, name, id=f"{backend}-{name}")
 
 
 def _device(backend):
@@ -129,3 +160,33 @@ def test_nonfinite_gradient_without_the_guard(backend, cls, rule):
     assert_state_unchanged(initial, got[0]["rates"])  # rates and weights, bit for bit
     ref = opt_class(cls)(make_params(torch.float64, "cpu", 0, shapes), backend="reference", **kw)
     assert_trajectories_close(got, run_optimizer(ref, gf, 2), TOL_F64, label=f"{backend} vs reference")
+
+
+@pytest.mark.parametrize("backend,failure", list(_failure_cases()))
+def test_step_that_raises_changes_nothing(backend, failure):
+    shapes = shapes_for(backend)
+    gf = GradFn(shapes)
+    kw = dict(lr=0.05, momentum=0.9, hypergrad_lr=1e-3, levels=("global", "unit"), backend=backend)
+
+    def start():
+        ps = make_params(torch.float32, _device(backend), 0, shapes)
+        opt = opt_class("SGD")([dict(params=ps[:3]), dict(params=ps[3:], lr=0.02)], **kw)
+        run_optimizer(opt, gf, 2)
+        return ps, opt
+
+    ps, opt = start()
+    before = copy.deepcopy((opt.state_dict(), ps))
+    bad, error = FAILURES[failure]
+    group = opt.param_groups[1]
+    good = {key: group[key] for key in bad or {}}
+    group.update(bad or {})
+    for p, g in zip(ps, gf.grads(2, ps)):
+        p.grad = g.to_sparse() if failure == "sparse" and p is ps[-1] else g
+    with pytest.raises(error):
+        opt.step()
+    group.update(good)
+    assert_state_unchanged(before, (opt.state_dict(), ps))
+
+    continued = run_optimizer(opt, gf, 2, start=2)
+    _, twin = start()
+    assert_bitwise_equal_snapshots(continued, run_optimizer(twin, gf, 2, start=2), label=f"{backend} after {failure}")
