@@ -272,7 +272,12 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._check_state_dict(state_dict)
+        # The backend is how this process runs a step, not state: the one this optimizer was
+        # built with stands (a checkpoint saved under "triton" on a GPU resumes on a CPU).
+        chosen = [group["backend"] for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, backend in zip(self.param_groups, chosen):
+            group["backend"] = backend
         # torch casts floating state to the parameter dtype; rates and state stay float32
         # for half parameters, so take every tensor again from the saved dict.
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
@@ -311,7 +316,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             layout = self._layouts[index]
             if len(saved_group["params"]) != layout.num_layers:
                 raise ValueError(f"param group {index} has a different number of parameters")
-            opts = resolve(saved_group, self._kind)
+            opts = resolve({**saved_group, "backend": self.param_groups[index]["backend"]}, self._kind)
             current_levels = tuple(self.param_groups[index]["levels"])
             if opts.levels != current_levels:
                 raise ValueError(
