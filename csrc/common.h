@@ -187,14 +187,15 @@ template <typename S> struct Convert {
 // coefficient where the term it multiplies is finite (x * 1 = x, 0 * buf = 0 for the zero
 // buffer of a first step); a coefficient of 0 on a term that may be infinite would be NaN.
 // grad_factor is read from the op's device scalar (ReduceArgs / ApplyArgs) by whoever
-// builds the Coef: once per CPU op call, once per CUDA thread.
+// builds the Coef: once per CPU op call, once per CUDA thread. Adam's 1 - beta is taken in
+// double, as torch.optim takes it: in float, 1 - 0.999f is off by 1.3e-5 (0.999 itself rounds).
 template <typename T>
 struct Coef {
-  T grad_factor, weight_decay, decoupled_weight_decay, beta1, beta2, eps, momentum;
+  T grad_factor, weight_decay, decoupled_weight_decay, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, momentum;
   MLHD_HD Coef(const Hyper& h, const void* factor)
       : grad_factor(*static_cast<const T*>(factor)), weight_decay(h.weight_decay),
-        decoupled_weight_decay(h.decoupled_weight_decay), beta1(h.beta1), beta2(h.beta2), eps(h.eps),
-        momentum(h.momentum) {}
+        decoupled_weight_decay(h.decoupled_weight_decay), beta1(h.beta1), beta2(h.beta2),
+        one_minus_beta1(1 - h.beta1), one_minus_beta2(1 - h.beta2), eps(h.eps), momentum(h.momentum) {}
 };
 
 // What one tensor's own step count implies (computed in double, once per chunk).
@@ -361,8 +362,8 @@ MLHD_HD void apply_element(int64_t e, S* __restrict__ p, const S* __restrict__ g
   x *= 1 - kappa * k.decoupled_weight_decay;
   T u = g;
   if constexpr (D == Direction::Adam) {
-    const T m = k.beta1 * a[e] + (1 - k.beta1) * g;
-    const T v = k.beta2 * b[e] + (1 - k.beta2) * g * g;
+    const T m = k.beta1 * a[e] + k.one_minus_beta1 * g;
+    const T v = k.beta2 * b[e] + k.one_minus_beta2 * g * g;
     a[e] = m;
     b[e] = v;
     u = adam_unscaled(m, v, ts.rsqrt_bc2, k.eps) * ts.scale;
