@@ -182,10 +182,12 @@ template <typename S> struct Convert {
   template <typename T> MLHD_HD static S store(T x) { return static_cast<S>(x); }
 };
 
-// The per-element code below has no branch on a per-call flag: a flag becomes a select of
-// values computed anyway (which the CPU loops vectorise, with -fno-trapping-math), or a
-// coefficient where the term it multiplies is finite (x * 1 = x, 0 * buf = 0 for the zero
-// buffer of a first step); a coefficient of 0 on a term that may be infinite would be NaN.
+// The per-element code below has no branch on a per-call flag: a flag becomes a math-type
+// value selected on (`flag != 0 ? a : b`, both sides computed first, which the CPU loops
+// vectorise; GCC will not vectorise a select on a loop-invariant bool, nor one whose sides
+// hold selects of their own), or a coefficient where the term it multiplies is finite
+// (x * 1 = x, 0 * buf = 0 for the zero buffer of a first step): a coefficient of 0 on a
+// term that may be infinite would be NaN.
 // grad_factor is read from the op's device scalar (ReduceArgs / ApplyArgs) by whoever
 // builds the Coef: once per CPU op call, once per CUDA thread. Adam's 1 - beta is taken in
 // double, as torch.optim takes it: in float, 1 - 0.999f is off by 1.3e-5 (0.999 itself rounds).
@@ -295,8 +297,8 @@ struct StepScalars {
   T param_kappa;  // kappa_e = kappa_units[unit] + param_kappa * alpha_param_new[e]
   T hd;           // the HD coefficient of the rule's update
   T shrinkage, rate_min, rate_max;
-  bool multiplicative, shrink;
-  bool rates_move;  // t >= 2; before that every rate keeps exactly its value
+  T multiplicative, shrink;  // flags, 1 or 0 (see Coef)
+  T rates_move;              // t >= 2 (the level stage's hd_gate); before, every rate keeps its value
   MLHD_HD explicit StepScalars(const ApplyArgs& a) {
     const Hyper& h = a.hyper;
     param_kappa = a.param_level ? *static_cast<const T*>(a.param_kappa) : T(0);
@@ -304,9 +306,9 @@ struct StepScalars {
     shrinkage = T(h.shrinkage);
     rate_min = T(h.rate_min);
     rate_max = T(h.rate_max);
-    multiplicative = h.multiplicative;
-    shrink = h.shrinkage != 0;
-    rates_move = *static_cast<const T*>(a.hd_gate) != 0;
+    multiplicative = h.multiplicative ? T(1) : T(0);
+    shrink = h.shrinkage != 0 ? T(1) : T(0);
+    rates_move = *static_cast<const T*>(a.hd_gate);
   }
 };
 
@@ -316,9 +318,11 @@ struct StepScalars {
 // term or a rate that must not move would turn NaN.
 template <typename T>
 MLHD_HD T new_param_rate(T rate, T h, T parent, const StepScalars<T>& c) {
-  T r = c.multiplicative ? rate * (1 + c.hd * sign(h)) : rate + c.hd * h;
-  r = c.shrink ? r + c.shrinkage * (parent - r) : r;
-  return c.rates_move ? clamp_rate(r, c.rate_min, c.rate_max) : rate;
+  const T multiplied = rate * (1 + c.hd * sign(h)), added = rate + c.hd * h;
+  const T updated = c.multiplicative != 0 ? multiplied : added;
+  const T shrunk = updated + c.shrinkage * (parent - updated);
+  const T clamped = clamp_rate(c.shrink != 0 ? shrunk : updated, c.rate_min, c.rate_max);
+  return c.rates_move != 0 ? clamped : rate;
 }
 
 // One tensor as the elementwise pass reads and writes it.
