@@ -18,4 +18,6 @@ def test_report_writes_one_table(tmp_path, capsys):
     assert all(line.count("|") == len(report.COLUMNS) + 1 for line in table)
     assert "| tiny | Adam | fused |" in text
     floor = text.split("plus fused Adam, in the same rounds, x Adam fused: tiny ")[1].split()[0]
-    assert float(floor) > 1.0  # a read pass costs something
+    # fused Adam plus a read pass: at least fused Adam (on the tiny model's few kilobytes the
+    # read pass is within the noise, and the ratio is printed to two decimals)
+    assert float(floor) >= 1.0
