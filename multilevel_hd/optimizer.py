@@ -354,14 +354,14 @@ class MultiLevelAdam(_MultiLevelOptimizer):
 
     _kind = "adam"
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
                  decoupled_weight_decay=False, maximize=False, *, levels=DEFAULT_LEVELS,
                  init_weights=None, hypergrad_lr=None, hypergrad_rule="additive",
                  hypergrad_scaling="size", combination_lr=None, shrinkage=None,
                  rate_bounds=(0.0, None), hd_decay=0.0, final_lr=None, skip_nonfinite=True,
                  backend="auto", sharding_group=None):
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, levels=levels,
             init_weights=init_weights, hypergrad_lr=hypergrad_lr, hypergrad_rule=hypergrad_rule,
             hypergrad_scaling=hypergrad_scaling, combination_lr=combination_lr,
@@ -374,6 +374,7 @@ class MultiLevelAdam(_MultiLevelOptimizer):
 class MultiLevelAdamW(MultiLevelAdam):
     """MultiLevelAdam with decoupled weight decay (default 1e-2), as torch.optim.AdamW."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 decoupled_weight_decay=True, maximize=False, **kwargs):
-        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize, **kwargs)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, decoupled_weight_decay=True, **kwargs):
+        # positional arguments as torch.optim.AdamW's (amsgrad sixth, the rest keyword-only)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, maximize, **kwargs)

@@ -189,6 +189,7 @@ def resolve_options(kind: str, opts: Dict[str, Any]) -> Dict[str, Any]:
         o.setdefault("lr", 1e-3)
         o.setdefault("betas", (0.9, 0.999))
         o.setdefault("eps", 1e-8)
+        o.setdefault("amsgrad", False)
         if kind == "adamw":
             o.setdefault("weight_decay", 1e-2)
             o.setdefault("decoupled_weight_decay", True)
@@ -275,9 +276,11 @@ class OracleGroup:
             st["v"] = torch.zeros_like(g)
         st["m"] = b1 * st["m"] + (1 - b1) * g
         st["v"] = b2 * st["v"] + (1 - b2) * g * g
+        if o["amsgrad"]:  # SPEC 3: vmax = max(vmax, v) replaces v
+            st["vmax"] = torch.maximum(st.get("vmax", st["v"]), st["v"])
         s = st["step"]
         mhat = st["m"] / (1 - b1 ** s)
-        vhat = st["v"] / (1 - b2 ** s)
+        vhat = st["vmax" if o["amsgrad"] else "v"] / (1 - b2 ** s)
         return mhat / (vhat.sqrt() + o["eps"])
 
     # ---------------------------------------------------------------- one step

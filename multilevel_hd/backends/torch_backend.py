@@ -140,12 +140,12 @@ def _effective_grad(p, grad, job: GroupJob) -> torch.Tensor:
 
 
 def _adam_direction(st: dict, opts: GroupOptions):
-    """Adam's u = x * scale: x = m / (sqrt(v) / sqrt(1 - b2^s) + eps), scale = 1 / (1 - b1^s),
+    """Adam's u = x * scale: x = m / (sqrt(v) / sqrt(1 - b2^s) + eps) (amsgrad: vmax for v), scale = 1 / (1 - b1^s),
     s = max(step, 1) (a parameter that never stepped has m = v = 0, hence u = 0). The
     per-tensor scale is left to the caller, who applies it to something smaller than x."""
     m = st["exp_avg"]
     s = st["step"].to(m.dtype).clamp(min=1)
-    x = torch.sqrt(st["exp_avg_sq"], out=_scratch("x", m))
+    x = torch.sqrt(st["max_exp_avg_sq" if opts.amsgrad else "exp_avg_sq"], out=_scratch("x", m))
     torch.addcmul(torch.full((), opts.eps, dtype=m.dtype, device=m.device), x,
                   (1 - opts.beta2**s).rsqrt(), out=x)
     return torch.div(m, x, out=x), 1 / (1 - opts.beta1**s)
@@ -165,6 +165,8 @@ def _step_direction(p, g, st: dict, opts: GroupOptions, gate, kappa, kappa_is_sc
     if opts.kind == "adam":
         st["exp_avg"].lerp_(g, (1 - opts.beta1) * gate)
         st["exp_avg_sq"].lerp_(torch.mul(g, g, out=_scratch("x", g)), (1 - opts.beta2) * gate)
+        if opts.amsgrad:  # vmax >= v always, so a skipped step (v unchanged) leaves it as it is
+            torch.maximum(st["max_exp_avg_sq"], st["exp_avg_sq"], out=st["max_exp_avg_sq"])
         st["step"].add_(gate.float())
         u, scale = _adam_direction(st, opts)
         kappa = kappa.mul_(scale) if kappa_is_scratch else kappa * scale
