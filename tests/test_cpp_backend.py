@@ -133,15 +133,17 @@ def test_float16_matches_reference(name, backend):
                               label=f"{name} {backend} vs reference, float16")
 
 
+@pytest.mark.parametrize("case", ["adam-multiplicative", "adam-amsgrad", "sgd-default"])
 @pytest.mark.parametrize("backend", COMPILED)
-def test_mixed_dtype_group_matches_reference(backend):
-    """float32 and float64 parameters in one group: two buckets, float64 level sums."""
+def test_mixed_dtype_group_matches_reference(backend, case):
+    """float32 and float64 parameters in one group: two buckets, float64 level sums; with
+    and without the optional states (vmax; SGD keeps no momentum buffer)."""
     shapes = (((5, 6), False), ((7,), False), ((4, 3, 2, 2), False))
     runs = {}
     for name in (backend, "reference"):
         ps = make_params(torch.float64, DEVICE if name != "reference" else "cpu", 0, shapes)
         ps[1] = ps[1].detach().float().requires_grad_()
-        opt = opt_class("Adam")(ps, backend=name, **CASES["adam-multiplicative"].kwargs)
+        opt = opt_class(CASES[case].cls)(ps, backend=name, **CASES[case].kwargs)
         runs[name] = run_optimizer(opt, GradFn(shapes), 6)
     assert_trajectories_close(runs[backend], runs["reference"], TOL_F32, label="mixed dtypes")
 
