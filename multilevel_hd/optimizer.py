@@ -70,7 +70,8 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                 if not p.is_floating_point():
                     raise ValueError(f"parameters must be floating point, got {p.dtype}")
             validate_group(group, self._kind)
-        except ValueError:
+            _check_torch_optim_flags(group)
+        except (ValueError, RuntimeError, NotImplementedError):
             self.param_groups.pop()
             raise
         self.group_states.append(None)
@@ -83,7 +84,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         # A backend that cannot run raises at step(), as before.
         if group["params"]:
             try:
-                backends.resolve_backend(group["backend"], group["params"][0].device)
+                _backend_name(group, group["params"][0].device)
             except RuntimeError:
                 pass
 
@@ -128,7 +129,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     f"the group); found {device} and {p.device}"
                 )
         opts = self._group_options(index, group)
-        self._backends[index] = backends.get(backends.resolve_backend(group["backend"], device))
+        self._backends[index] = backends.get(_backend_name(group, device))
         group_state = self.group_states[index]
         if group_state is None:
             group_state = self.group_states[index] = new_group_state(
@@ -195,6 +196,25 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                         sharding_group=self.sharding_group)
 
     # -- inspection -----------------------------------------------------------------
+    def backends(self) -> list:
+        """Per group: the name of the backend its steps run with, what `backend` ("auto"
+        included) and torch.optim's `fused` / `foreach` resolve to on the group's device; None
+        for a group without parameters. Raises step()'s RuntimeError for one that cannot run."""
+        return [_backend_name(g, g["params"][0].device) if g["params"] else None for g in self.param_groups]
+
+    def __repr__(self) -> str:
+        # torch.optim's listing of every group option, and the backend each group resolved to
+        lines = [self.__class__.__name__ + " ("]
+        for index, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {index}")
+            lines += [f"    {key}: {group[key]}" for key in sorted(group) if key != "params"]
+            try:
+                resolved = _backend_name(group, group["params"][0].device) if group["params"] else None
+            except RuntimeError as err:
+                resolved = f"none ({err})"
+            lines.append(f"    resolved backend: {resolved}")
+        return "\n".join(lines + [")"])
+
     def _group_state_or_initial(self, index: int) -> dict:
         group = self.param_groups[index]
         if self.group_states[index] is not None:
@@ -307,6 +327,21 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"saved state of a parameter of group {index} does not match its configuration")
 
 
+def _backend_name(group: dict, device) -> str:
+    return backends.resolve_backend(group["backend"], device, group["fused"], group["foreach"])
+
+
+def _check_torch_optim_flags(group: dict) -> None:
+    """torch.optim's implementation keywords: `fused` / `foreach` must agree with `backend`;
+    `differentiable=True` cannot be honoured."""
+    if group["differentiable"]:
+        raise NotImplementedError(
+            "differentiable=True is not supported: multilevel_hd steps update parameters, state and "
+            "rates in place without autograd (fused kernels included), so no graph through step() exists"
+        )
+    backends.check_flags(group["backend"], group["fused"], group["foreach"])
+
+
 # Backends whose kernels take `GroupOptions.lr_scale` as a scalar argument: under
 # torch.compile they get a (possibly symbolic) float, the others a 0-d tensor (`_job`).
 _SCALAR_LR_SCALE = ("triton",)
@@ -326,9 +361,22 @@ def _frozen(value):
     return value
 
 
+_TORCH_OPTIM_KEYWORDS = """
+
+    torch.optim's implementation keywords choose among this package's backends:
+    ``fused=True`` a fused one (compiled kernels, one pass over all tensors: on CUDA
+    ``triton`` else ``cuda``, on the CPU ``cpp``; a RuntimeError if none can run);
+    ``fused=False`` or ``foreach=False`` the ``torch`` backend (PyTorch operations in a loop
+    over the tensors, as torch.optim's for-loop implementation); ``foreach=True`` or ``None``
+    leave the choice to ``backend="auto"``. A named ``backend`` that contradicts them is a
+    ValueError. ``differentiable=True`` raises NotImplementedError: a step updates everything
+    in place, outside autograd. ``opt.backends()`` and ``repr(opt)`` name the backend each
+    group runs with."""
+
+
 class MultiLevelSGD(_MultiLevelOptimizer):
-    """SGD (optionally with momentum or Nesterov momentum) with multi-level hyper-gradient
-    learning rates (SPEC sections 2-4)."""
+    __doc__ = """SGD (optionally with momentum or Nesterov momentum) with multi-level hyper-gradient
+    learning rates (SPEC sections 2-4).""" + _TORCH_OPTIM_KEYWORDS
 
     _kind = "sgd"
 
@@ -336,21 +384,24 @@ class MultiLevelSGD(_MultiLevelOptimizer):
                  weight_decay=0.0, maximize=False, *, levels=DEFAULT_LEVELS, init_weights=None,
                  hypergrad_lr=None, hypergrad_rule="additive", hypergrad_scaling="size",
                  combination_lr=None, shrinkage=None, rate_bounds=(0.0, None), hd_decay=0.0,
-                 final_lr=None, skip_nonfinite=True, backend="auto", sharding_group=None):
+                 final_lr=None, skip_nonfinite=True, backend="auto", sharding_group=None,
+                 foreach=None, fused=None, differentiable=False):
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
             weight_decay=weight_decay, maximize=maximize, levels=levels,
             init_weights=init_weights, hypergrad_lr=hypergrad_lr, hypergrad_rule=hypergrad_rule,
             hypergrad_scaling=hypergrad_scaling, combination_lr=combination_lr,
             shrinkage=shrinkage, rate_bounds=rate_bounds, hd_decay=hd_decay, final_lr=final_lr,
-            skip_nonfinite=skip_nonfinite, backend=backend,
+            skip_nonfinite=skip_nonfinite, backend=backend, foreach=foreach, fused=fused,
+            differentiable=differentiable,
         )
         super().__init__(params, defaults, sharding_group)
 
 
 class MultiLevelAdam(_MultiLevelOptimizer):
-    """Adam (or AdamW with decoupled_weight_decay=True) with multi-level hyper-gradient
-    learning rates (SPEC sections 2-4)."""
+    __doc__ = """Adam (or AdamW with decoupled_weight_decay=True, AMSGrad with amsgrad=True) with
+    multi-level hyper-gradient learning rates (SPEC sections 2-4). ``capturable`` is accepted
+    and changes nothing: every step is capturable (no host synchronisation).""" + _TORCH_OPTIM_KEYWORDS
 
     _kind = "adam"
 
@@ -359,14 +410,16 @@ class MultiLevelAdam(_MultiLevelOptimizer):
                  init_weights=None, hypergrad_lr=None, hypergrad_rule="additive",
                  hypergrad_scaling="size", combination_lr=None, shrinkage=None,
                  rate_bounds=(0.0, None), hd_decay=0.0, final_lr=None, skip_nonfinite=True,
-                 backend="auto", sharding_group=None):
+                 backend="auto", sharding_group=None, foreach=None, fused=None, capturable=False,
+                 differentiable=False):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, levels=levels,
             init_weights=init_weights, hypergrad_lr=hypergrad_lr, hypergrad_rule=hypergrad_rule,
             hypergrad_scaling=hypergrad_scaling, combination_lr=combination_lr,
             shrinkage=shrinkage, rate_bounds=rate_bounds, hd_decay=hd_decay, final_lr=final_lr,
-            skip_nonfinite=skip_nonfinite, backend=backend,
+            skip_nonfinite=skip_nonfinite, backend=backend, foreach=foreach, fused=fused,
+            capturable=capturable, differentiable=differentiable,
         )
         super().__init__(params, defaults, sharding_group)
 
