@@ -61,15 +61,18 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        # The base of an LR scheduler's factor (schedulers set it the same way).
-        group.setdefault("initial_lr", group["lr"])
         try:
+            if isinstance(group["lr"], torch.Tensor) and group["lr"].numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")  # torch.optim's message
+            # The base of an LR scheduler's factor (schedulers set it the same way), where the
+            # rates start: a number, also for a tensor lr (read here once, never in a step).
+            group.setdefault("initial_lr", _number(group["lr"]))
             for p in group["params"]:
                 if p.is_complex():
                     raise ValueError("multilevel_hd does not support complex parameters")
                 if not p.is_floating_point():
                     raise ValueError(f"parameters must be floating point, got {p.dtype}")
-            validate_group(group, self._kind)
+            validate_group(_with_number_lr(group), self._kind)
             _check_torch_optim_flags(group)
         except (ValueError, RuntimeError, NotImplementedError):
             self.param_groups.pop()
@@ -128,7 +131,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     f"all parameters of a param group must be on one device (level sums span "
                     f"the group); found {device} and {p.device}"
                 )
-        opts = self._group_options(index, group)
+        opts = self._group_options(index, group, device)
         self._backends[index] = backends.get(_backend_name(group, device))
         group_state = self.group_states[index]
         if group_state is None:
@@ -150,14 +153,19 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                 sign_tensor(plan, -1.0, device, compute_dtype(params[j].dtype))
         return active
 
-    def _group_options(self, index: int, group: dict):
+    def _group_options(self, index: int, group: dict, device):
         """The group's resolved options, resolved again only when an option changed (an LR
         scheduler changing only `lr` costs a copy with the new `lr_scale`)."""
         key = _option_key(group, self._option_names)
         cached = self._options[index]
         if cached is None or cached[0] != key:
-            cached = self._options[index] = (key, resolve(group, self._kind))
+            cached = self._options[index] = (key, _resolve(group, self._kind))
         opts = cached[1]
+        if isinstance(group["lr"], torch.Tensor):  # its value never comes to the host
+            scale = _lr_scale_tensor(group["lr"], opts.lr, device, group_dtype(group["params"]))
+            opts = dataclasses.replace(opts, lr_scale=scale)
+            self._options[index] = (key, opts)
+            return opts
         scale = lr_scale(group["lr"], opts.lr)
         if scale != opts.lr_scale:
             check_nonnegative("lr", group["lr"])
@@ -178,15 +186,12 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             # torch.tensor specialise a symbolic float, and torch 2.13's Inductor then
             # baked one value without a guard.)
             if _option_key(group, self._option_names) != key:
-                opts = resolve(group, self._kind)
-            if self._backends[index].name in _SCALAR_LR_SCALE:
+                opts = _resolve(group, self._kind)
+            if self._backends[index].name in _SCALAR_LR_SCALE and not isinstance(group["lr"], torch.Tensor):
                 scale = lr_scale(group["lr"], opts.lr)
             else:
                 gs = self.group_states[index]
-                scale = torch.ones((), dtype=torch.float64, device=gs["step"].device)
-                if opts.lr > 0:
-                    scale = scale * group["lr"] / opts.lr
-                scale = scale.to(gs["step"].dtype)
+                scale = _lr_scale_tensor(group["lr"], opts.lr, gs["step"].device, gs["step"].dtype)
             opts = dataclasses.replace(opts, lr_scale=scale)
         params = group["params"]
         stepping = [params[j] for j in active]
@@ -219,7 +224,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         group = self.param_groups[index]
         if self.group_states[index] is not None:
             return self.group_states[index]
-        opts = resolve(group, self._kind)
+        opts = _resolve(group, self._kind)
         device = group["params"][0].device
         return new_group_state(opts, self._layouts[index], device, group_dtype(group["params"]))
 
@@ -230,7 +235,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         """Per group: "weights" and each active level's rates (copies; SPEC section 4)."""
         out = []
         for index, group in enumerate(self.param_groups):
-            opts = resolve(group, self._kind)
+            opts = _resolve(group, self._kind)
             gs = self._group_state_or_initial(index)
             entry = {"weights": gs["weights"].clone()}
             for level in opts.levels:
@@ -250,7 +255,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             for j, q in enumerate(group["params"]):
                 if q is p:
-                    opts = resolve(group, self._kind)
+                    opts = _resolve(group, self._kind)
                     gs = self._group_state_or_initial(index)
                     kappa = applied_rate(
                         opts, gs, self._layouts[index].tensors[j], p, self._param_state_or_initial(p, opts)
@@ -308,7 +313,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             layout = self._layouts[index]
             if len(saved_group["params"]) != layout.num_layers:
                 raise ValueError(f"param group {index} has a different number of parameters")
-            opts = resolve(saved_group, self._kind)
+            opts = _resolve(saved_group, self._kind)
             current_levels = tuple(self.param_groups[index]["levels"])
             if opts.levels != current_levels:
                 raise ValueError(
@@ -325,6 +330,32 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     k != "step" and tuple(v.shape) != tuple(p.shape) for k, v in saved.items()
                 )):
                     raise ValueError(f"saved state of a parameter of group {index} does not match its configuration")
+
+
+def _number(lr):
+    return float(lr) if isinstance(lr, torch.Tensor) else lr
+
+
+def _with_number_lr(group: dict) -> dict:
+    """The group as `resolve` reads it: a tensor lr (torch.optim's, 0-d) enters as its base
+    `initial_lr`; what it adds, the factor lr / initial_lr, reaches a step as a device tensor
+    (`_lr_scale_tensor`), so no step reads it on the host."""
+    return {**group, "lr": group["initial_lr"]} if isinstance(group["lr"], torch.Tensor) else group
+
+
+def _resolve(group: dict, kind: str):
+    return resolve(_with_number_lr(group), kind)
+
+
+def _lr_scale_tensor(lr, base: float, device, dtype) -> torch.Tensor:
+    """An LR scheduler's factor lr / base (1 for a base of 0) as a 0-d tensor on `device`,
+    from a float or a tensor lr without reading it (a CPU lr is copied without waiting)."""
+    scale = torch.ones((), dtype=torch.float64, device=device)
+    if base > 0:
+        if isinstance(lr, torch.Tensor):
+            lr = lr.to(device=device, dtype=torch.float64, non_blocking=True)
+        scale = scale * lr / base
+    return scale.to(dtype)
 
 
 def _backend_name(group: dict, device) -> str:

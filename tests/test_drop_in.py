@@ -7,10 +7,15 @@ import inspect
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import multilevel_hd as mlhd
-from conftest import ALL_BACKENDS
+from cases import ALL_LEVELS
+from conftest import ALL_BACKENDS, FAST_BACKENDS, shapes_for
 from multilevel_hd import backends
+from trajectory import TOL_F64, GradFn, assert_trajectories_close, make_params, run_optimizer
+
+BACKENDS = ["reference"] + FAST_BACKENDS
 
 TWINS = {mlhd.MultiLevelSGD: torch.optim.SGD, mlhd.MultiLevelAdam: torch.optim.Adam,
          mlhd.MultiLevelAdamW: torch.optim.AdamW}
@@ -126,3 +131,86 @@ def test_repr_of_a_backend_that_cannot_run_says_why():
     assert "resolved backend: none (backend 'cpp' cannot run on meta" in repr(opt)
     with pytest.raises(RuntimeError, match="cannot run on meta"):
         opt.backends()
+
+
+# -- lr as a tensor ---------------------------------------------------------------------------
+def _warmup(opt):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1 / (1 + epoch))
+
+
+@pytest.mark.parametrize("cls", [mlhd.MultiLevelAdam, mlhd.MultiLevelSGD], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_lr_is_torch_optim_under_a_scheduler(backend, cls):
+    """A 0-d tensor lr, filled in place by an LR scheduler, steps exactly as torch.optim with
+    the same tensor lr (hypergrad_lr=0, float64 params; float32 for triton, which steps float64
+    with the torch backend)."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    shapes = shapes_for(backend)
+    ours, theirs = make_params(dtype, shapes=shapes), make_params(dtype, shapes=shapes)
+    kw = dict(momentum=0.9) if cls is mlhd.MultiLevelSGD else {}
+    lr = torch.tensor(0.02, dtype=dtype)
+    opt = cls(ours, lr=lr, hypergrad_lr=0.0, backend=backend, **kw)
+    ref = TWINS[cls](theirs, lr=lr.clone(), **kw)
+    scheds = [_warmup(opt), _warmup(ref)]
+    gf = GradFn(shapes)
+    for s in range(5):
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            p.grad, q.grad = gf.grad(s, i, p), gf.grad(s, i, q)
+        opt.step()
+        ref.step()
+        for sched in scheds:
+            sched.step()
+        tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, **tol, msg=lambda m: f"step {s}: {m}")
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.02 / 6)  # filled in place
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_lr_with_hypergradients_is_the_float_lr_run(backend):
+    """With learned rates (every level, default hypergrad rule) and a scheduler, a tensor lr
+    gives the float lr's trajectory: the scheduler's factor reaches the hyper-gradient too."""
+    shapes = shapes_for(backend)
+    kw = dict(levels=ALL_LEVELS, hypergrad_lr=1e-4, init_weights=(1, 2, 3, 4), backend=backend)
+    runs = []
+    for lr in (0.02, torch.tensor(0.02, dtype=torch.float64)):
+        opt = mlhd.MultiLevelAdam(make_params(shapes=shapes), lr=lr, **kw)
+        runs.append(run_optimizer(opt, GradFn(shapes), 6, scheduler=_warmup(opt)))
+    assert_trajectories_close(runs[1], runs[0], TOL_F64, label=f"tensor lr, {backend}")
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value on the host (`.item()`, `float(t)`, `bool(t)`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", [b for b in FAST_BACKENDS if b != "triton"])
+def test_tensor_lr_is_never_read_in_a_step(backend):
+    """The step reads no tensor value on the host, the tensor lr's included (on a GPU that
+    would wait for the device): checked at the first step (state, plan and options made) and
+    after the scheduler changed lr."""
+    shapes = shapes_for(backend)
+    ps = make_params(torch.float32, shapes=shapes)
+    opt = mlhd.MultiLevelAdam(ps, lr=torch.tensor(0.01), levels=ALL_LEVELS, backend=backend)
+    sched, gf = _warmup(opt), GradFn(shapes)
+    for s in range(3):
+        for i, p in enumerate(ps):
+            p.grad = gf.grad(s, i, p)
+        with _HostReads() as reads:
+            opt.step()
+        assert reads.count == 0, f"step {s}: {reads.count} host reads"
+        sched.step()
+
+
+def test_tensor_lr_must_have_one_element():
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        mlhd.MultiLevelAdam(_params(), lr=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="lr"):
+        mlhd.MultiLevelSGD(_params(), lr=torch.tensor(-0.1))
