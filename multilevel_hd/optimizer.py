@@ -57,6 +57,22 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         self.sharding_group = sharding_group
         super().__init__(params, defaults)
 
+    # -- copies (copy.deepcopy, pickle, torch.save) -------------------------------------
+    # torch.optim.Optimizer keeps only defaults, state and param_groups; a step also needs the
+    # group states (t, rates, weights), the layouts and the option names. What a step rebuilds
+    # is left out (plans with their device tables, which hold the original's tensor addresses;
+    # resolved options; backend modules), and hooks are dropped, as torch.optim drops them.
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update(group_states=self.group_states, _layouts=self._layouts, _option_names=self._option_names,
+                     sharding_group=self.sharding_group)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        groups = len(self.param_groups)
+        self._plans, self._options, self._backends = [None] * groups, [None] * groups, [None] * groups
+
     # -- construction ---------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

@@ -3,7 +3,10 @@ torch.optim twin, which backend runs, a tensor lr, deepcopy and pickle, a warm s
 twin's state dict."""
 from __future__ import annotations
 
+import copy
 import inspect
+import io
+import pickle
 
 import pytest
 import torch
@@ -13,7 +16,8 @@ import multilevel_hd as mlhd
 from cases import ALL_LEVELS
 from conftest import ALL_BACKENDS, FAST_BACKENDS, shapes_for
 from multilevel_hd import backends
-from trajectory import TOL_F64, GradFn, assert_trajectories_close, make_params, run_optimizer
+from trajectory import (TOL_F64, GradFn, assert_bitwise_equal_snapshots, assert_trajectories_close, make_params,
+                        run_optimizer)
 
 BACKENDS = ["reference"] + FAST_BACKENDS
 
@@ -214,3 +218,62 @@ def test_tensor_lr_must_have_one_element():
         mlhd.MultiLevelAdam(_params(), lr=torch.tensor([0.1, 0.2]))
     with pytest.raises(ValueError, match="lr"):
         mlhd.MultiLevelSGD(_params(), lr=torch.tensor(-0.1))
+
+
+# -- copies -----------------------------------------------------------------------------------
+def _copy(how, opt):
+    if how == "deepcopy":
+        return copy.deepcopy(opt)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(opt))
+    if how == "torch.save":
+        buf = io.BytesIO()
+        torch.save(opt, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)  # a whole object, not a state dict
+    params = [p for g in opt.param_groups for p in g["params"]]  # the model's, copied with it (EMA, SWA)
+    params_copy, opt_copy = copy.deepcopy((params, opt))
+    assert all(p is q for p, q in zip([p for g in opt_copy.param_groups for p in g["params"]], params_copy))
+    return opt_copy
+
+
+COPY_CONFIGS = {
+    # per-parameter state, moved rates of every level, moved weights, t, skipped steps
+    "adam": (mlhd.MultiLevelAdam, dict(lr=0.01, hypergrad_lr=1e-4, levels=ALL_LEVELS, init_weights=(1, 2, 3, 4),
+                                       amsgrad=True, betas=(0.9, 0.9))),
+    "sgd": (mlhd.MultiLevelSGD, dict(lr=0.05, momentum=0.9, nesterov=True, hypergrad_rule="multiplicative",
+                                     hypergrad_lr=0.05, levels=("global", "layer", "param"))),
+}
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save", "with the model"])
+@pytest.mark.parametrize("config", list(COPY_CONFIGS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_copy_continues_bit_for_bit(backend, config, how):
+    """A copy made after some steps (two param groups; a NaN step skipped) continues exactly
+    as the original, on copies of the parameters; the original is untouched by the copy's
+    steps. (torch.optim's own pickling kept only defaults, state and param_groups, and the copy
+    failed at its first step.)"""
+    cls, kw = COPY_CONFIGS[config]
+    shapes = shapes_for(backend)
+    ps = make_params(torch.float32, shapes=shapes)
+    opt = cls([dict(params=ps[:3]), dict(params=ps[3:], lr=kw["lr"] / 2)], backend=backend, **kw)
+    gf = GradFn(shapes, poison={(2, 1): float("nan")})
+    run_optimizer(opt, gf, 4)
+    twin = _copy(how, opt)
+    assert {k for k in vars(twin) if not k.startswith("_")} == {k for k in vars(opt) if not k.startswith("_")}
+    assert twin.skipped_steps() == opt.skipped_steps() == [1, 0]
+    before = [p.detach().clone() for p in ps]
+    theirs = run_optimizer(twin, gf, 4, start=4)
+    assert all(torch.equal(p, q) for p, q in zip(ps, before))
+    ours = run_optimizer(opt, gf, 4, start=4)
+    assert_bitwise_equal_snapshots(theirs, ours, label=f"{how} copy")
+    assert repr(twin) == repr(opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_copy_before_the_first_step(backend):
+    shapes = shapes_for(backend)
+    opt = mlhd.MultiLevelAdam(make_params(shapes=shapes), lr=0.01, hypergrad_lr=1e-4, backend=backend)
+    twin = pickle.loads(pickle.dumps(opt))
+    assert_bitwise_equal_snapshots(run_optimizer(twin, GradFn(shapes), 3), run_optimizer(opt, GradFn(shapes), 3))
