@@ -291,6 +291,27 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this class or of its torch.optim twin (Adam/AdamW for
+        MultiLevelAdam/AdamW, SGD for MultiLevelSGD; same parameters and groups): the twin's
+        moments, momentum buffers, max_exp_avg_sq and step counts carry over, its options
+        (lr, betas, ...) replace this optimizer's as torch.optim's loading does, and rates and
+        weights start afresh at each group's lr."""
+        twin = "optimizer_kind" not in state_dict
+        if twin:
+            self._check_twin_kind(state_dict)
+        def merged(saved: dict, current: dict) -> dict:
+            # An option a saved group lacks (an older checkpoint; the twin's has no multi-level
+            # options) takes this optimizer's value. foreach and fused stay this optimizer's:
+            # they choose the backend, which is how this process runs, not state.
+            group = {**current, **saved, "foreach": current["foreach"], "fused": current["fused"]}
+            if twin:  # rates start at the twin's lr (its base, if its LR scheduler recorded one)
+                group["initial_lr"] = _number(saved.get("initial_lr", saved["lr"]))
+            return group
+
+        groups = [merged(saved, current) for saved, current in zip(state_dict["param_groups"], self.param_groups)]
+        state_dict = {**state_dict, "param_groups": groups + state_dict["param_groups"][len(groups):]}
+        if twin:
+            state_dict = self._from_twin(state_dict)
         self._check_state_dict(state_dict)
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter dtype; rates and state stay float32
@@ -299,8 +320,9 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             for p, pid in zip(group["params"], saved_group["params"]):
                 saved = state_dict["state"].get(pid)
                 if saved:
-                    self.state[p] = {
-                        k: v.to(device=p.device, dtype=torch.float32 if k == "step" else compute_dtype(p.dtype), copy=True)
+                    self.state[p] = {  # (a step count saved as a number, as older torch.optim did)
+                        k: torch.as_tensor(v).to(device=p.device, dtype=torch.float32 if k == "step" else
+                                                 compute_dtype(p.dtype), copy=True)
                         for k, v in saved.items()
                     }
         self.group_states = []
@@ -314,6 +336,34 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             )
         self._plans = [None] * len(self.param_groups)
         self._options = [None] * len(self.param_groups)
+
+    def _check_twin_kind(self, state_dict: dict) -> None:
+        """Refuse a foreign state dict that is not from this class's torch.optim twin."""
+        groups = state_dict["param_groups"]
+        # (options no other torch.optim optimizer has together: NAdam has betas, RMSprop momentum)
+        kind = ("adam" if all("betas" in g and "amsgrad" in g for g in groups) else
+                "sgd" if all("nesterov" in g and "dampening" in g for g in groups) else None)
+        if kind != self._kind:
+            origin = {"adam": "torch.optim Adam", "sgd": "torch.optim SGD", None: "non-multilevel_hd"}[kind]
+            raise ValueError(f"state dict is from a {origin} optimizer, not a multilevel_hd {self._kind} one")
+
+    def _from_twin(self, state_dict: dict) -> dict:
+        """The twin's state dict (its groups completed with this optimizer's options) in this
+        class's format: the state a step needs beyond the twin's at its start values (rates at
+        `initial_lr`), group states afresh."""
+        groups = state_dict["param_groups"]
+        state = {}
+        for group, current in zip(groups, self.param_groups):
+            opts = _resolve(group, self._kind)
+            for pid, p in zip(group["params"], current["params"]):
+                saved = state_dict["state"].get(pid)
+                if not saved:
+                    continue
+                state[pid] = {**new_param_state(p, opts), **saved}  # param_rate at lr, prev_direction 0
+                if opts.kind == "sgd":  # SGD keeps no count; a momentum buffer means it has stepped
+                    state[pid]["step"] = torch.ones((), dtype=torch.float32)
+        return {**state_dict, "state": state, "param_groups": groups, "optimizer_kind": self._kind,
+                "group_states": [None] * len(groups)}
 
     def _check_state_dict(self, state_dict: dict) -> None:
         """Refuse a state dict that this optimizer's configuration cannot continue from."""

@@ -17,7 +17,7 @@ from cases import ALL_LEVELS
 from conftest import ALL_BACKENDS, FAST_BACKENDS, shapes_for
 from multilevel_hd import backends
 from trajectory import (TOL_F64, GradFn, assert_bitwise_equal_snapshots, assert_trajectories_close, make_params,
-                        run_optimizer)
+                        params_snapshot, run_optimizer)
 
 BACKENDS = ["reference"] + FAST_BACKENDS
 
@@ -277,3 +277,104 @@ def test_a_copy_before_the_first_step(backend):
     opt = mlhd.MultiLevelAdam(make_params(shapes=shapes), lr=0.01, hypergrad_lr=1e-4, backend=backend)
     twin = pickle.loads(pickle.dumps(opt))
     assert_bitwise_equal_snapshots(run_optimizer(twin, GradFn(shapes), 3), run_optimizer(opt, GradFn(shapes), 3))
+
+
+# -- a warm start from the torch.optim twin's state dict --------------------------------------
+TWIN_CONFIGS = {
+    "adam-amsgrad": (mlhd.MultiLevelAdam, torch.optim.Adam, dict(lr=0.01, betas=(0.9, 0.9), amsgrad=True)),
+    "adamw": (mlhd.MultiLevelAdamW, torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
+    "sgd-nesterov": (mlhd.MultiLevelSGD, torch.optim.SGD, dict(lr=0.02, momentum=0.9, nesterov=True)),
+    "sgd": (mlhd.MultiLevelSGD, torch.optim.SGD, dict(lr=0.02)),
+}
+SWITCH_AT, MORE = 4, 5
+
+
+def _twin_run(config, shapes, scheduler=None):
+    """The twin after SWITCH_AT steps (two groups; a tensor without a gradient at first, so
+    step counts differ), its state dict, and its scheduler's."""
+    _, twin_cls, kw = TWIN_CONFIGS[config]
+    ps = make_params(shapes=shapes)
+    twin = twin_cls([dict(params=ps[:3]), dict(params=ps[3:], lr=kw["lr"] / 2)], foreach=False, **kw)
+    sched = scheduler(twin) if scheduler else None
+    run_optimizer(twin, GradFn(shapes, none={(0, 4), (1, 4)}), SWITCH_AT, scheduler=sched, snapshot=params_snapshot)
+    return ps, twin, sched
+
+
+def _switch(config, backend, ps, twin, twin_sched=None, **kw):
+    """A multi-level optimizer on copies of the twin's parameters, loaded from its state dict
+    (and a scheduler from the twin's, made before loading as in any resume); constructed with
+    another lr (the twin's replaces it) and its own levels."""
+    cls = TWIN_CONFIGS[config][0]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    opt = cls([dict(params=qs[:3]), dict(params=qs[3:])], lr=0.5, levels=("global", "unit", "param"),
+              backend=backend, **kw)
+    sched = _warmup(opt) if twin_sched else None
+    opt.load_state_dict(copy.deepcopy(twin.state_dict()))
+    if sched:
+        sched.load_state_dict(twin_sched.state_dict())
+    return opt, sched
+
+
+@pytest.mark.parametrize("scheduled", [False, True], ids=["constant-lr", "scheduled"])
+@pytest.mark.parametrize("config", list(TWIN_CONFIGS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_twin_state_dict_continues_as_torch_optim(backend, config, scheduled):
+    """A run switches from torch.optim mid-training: moments, momentum buffers,
+    max_exp_avg_sq and step counts carry over (keys as torch.optim's), every rate starts at
+    its group's lr, and with hypergrad_lr=0 the continued run is the twin's continuation (also
+    under the twin's LR scheduler, its state loaded)."""
+    shapes = shapes_for(backend)
+    ps, twin, twin_sched = _twin_run(config, shapes, _warmup if scheduled else None)
+    opt, sched = _switch(config, backend, ps, twin, twin_sched, hypergrad_lr=0.0)
+    twin_state = twin.state_dict()["state"]
+    ours = opt.state_dict()
+    for pid, saved in twin_state.items():
+        assert set(saved) <= set(ours["state"][pid]), (set(saved), set(ours["state"][pid]))
+        for key, value in saved.items():
+            assert torch.equal(torch.as_tensor(ours["state"][pid][key]).double(), value.double()), key
+    lrs = [g["lr"] for g in twin.param_groups]
+    for rates, lr in zip(opt.rates(), [g.get("initial_lr", g["lr"]) for g in twin.param_groups]):
+        for level in ("global", "unit", "param"):
+            for r in (rates[level] if isinstance(rates[level], list) else [rates[level]]):
+                assert torch.all(r == lr), level
+    assert [g["lr"] for g in opt.param_groups] == lrs
+    gf = GradFn(shapes)
+    theirs = run_optimizer(twin, gf, MORE, start=SWITCH_AT, scheduler=twin_sched, snapshot=params_snapshot)
+    mine = run_optimizer(opt, gf, MORE, start=SWITCH_AT, scheduler=sched)
+    for s, (a, b) in enumerate(zip(mine, theirs)):
+        for x, y in zip(a["params"], b["params"]):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14, msg=lambda m: f"step {s}: {m}")
+
+
+@pytest.mark.parametrize("config", ["adam-amsgrad", "sgd-nesterov"])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_twin_state_dict_with_learned_rates_matches_the_reference(backend, config):
+    """With hyper-gradients on, a run loaded from the twin continues on every backend as on the
+    reference backend, and its rates move from the twin's lr."""
+    shapes = shapes_for(backend)
+    ps, twin, _ = _twin_run(config, shapes)
+    runs = [run_optimizer(_switch(config, name, ps, twin, hypergrad_lr=1e-3)[0], GradFn(shapes), MORE, start=SWITCH_AT)
+            for name in (backend, "reference")]
+    assert_trajectories_close(runs[0], runs[1], TOL_F64, label=f"{config} from the twin, {backend}")
+    assert float(runs[1][-1]["rates"][0]["global"]) != twin.param_groups[0]["lr"]
+
+
+def test_twin_state_dict_keeps_this_optimizers_backend():
+    """The twin's foreach / fused are how it ran, not state: loading keeps this optimizer's."""
+    ps, twin, _ = _twin_run("adamw", shapes_for("torch"))
+    assert twin.param_groups[0]["foreach"] is False
+    opt, _ = _switch("adamw", "auto", ps, twin)
+    assert opt.backends() == [CPU_AUTO] * 2 and opt.param_groups[0]["foreach"] is None
+
+
+@pytest.mark.parametrize("cls,twin_cls", [(mlhd.MultiLevelAdam, torch.optim.SGD), (mlhd.MultiLevelSGD, torch.optim.AdamW),
+                                          (mlhd.MultiLevelSGD, torch.optim.RMSprop), (mlhd.MultiLevelAdam, torch.optim.NAdam)])
+def test_state_dict_of_another_torch_optim_optimizer_raises(cls, twin_cls):
+    ps = _params()
+    other = twin_cls(ps, lr=0.01)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    other.step()
+    opt = cls(_params())
+    with pytest.raises(ValueError, match="state dict is from a"):
+        opt.load_state_dict(other.state_dict())

@@ -486,10 +486,15 @@ def opt_snapshot(opt):
                 skipped=list(opt.skipped_steps()))
 
 
-def run_optimizer(opt, gradfn: GradFn, steps: int, start: int = 0, scheduler=None):
+def params_snapshot(opt):
+    """What ``run_optimizer`` can record of any torch.optim optimizer: its parameters."""
+    return dict(params=[_f64(p) for g in opt.param_groups for p in g["params"]])
+
+
+def run_optimizer(opt, gradfn: GradFn, steps: int, start: int = 0, scheduler=None, snapshot=opt_snapshot):
     """Step ``opt`` ``steps`` times; gradient of step s is ``gradfn.grad(s, i, p)`` with i the
     parameter's index over all groups; an LR ``scheduler`` steps after each optimizer step.
-    Returns the list of per-step snapshots."""
+    Returns the list of per-step snapshots (``params_snapshot`` for a torch.optim optimizer)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     snaps = []
     for s in range(start, start + steps):
@@ -498,7 +503,7 @@ def run_optimizer(opt, gradfn: GradFn, steps: int, start: int = 0, scheduler=Non
         opt.step()
         if scheduler is not None:
             scheduler.step()
-        snaps.append(opt_snapshot(opt))
+        snaps.append(snapshot(opt))
     return snaps
 
 
