@@ -299,6 +299,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         twin = "optimizer_kind" not in state_dict
         if twin:
             self._check_twin_kind(state_dict)
+
         def merged(saved: dict, current: dict) -> dict:
             # An option a saved group lacks (an older checkpoint; the twin's has no multi-level
             # options) takes this optimizer's value. foreach and fused stay this optimizer's:
