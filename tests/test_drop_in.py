@@ -1,4 +1,4 @@
-"""A drop-in for torch.optim (SPEC 4, README "A drop-in for torch.optim"): every keyword of the
+"""A drop-in for torch.optim (SPEC 4, README "What the one-word change keeps"): every keyword of the
 torch.optim twin, which backend runs, a tensor lr, deepcopy and pickle, a warm start from the
 twin's state dict."""
 from __future__ import annotations
