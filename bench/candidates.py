@@ -71,10 +71,16 @@ def _mlhd_backends(device: str) -> tuple[str, ...] | str:
 class Candidate:
     config: Config
     backend: str  # a multilevel_hd backend, or a key of TORCH_IMPLS
+    compiled: bool = False  # step() under torch.compile (only for the torch backend)
 
     @property
     def id(self) -> str:
-        return f"{self.config.key}-{self.backend}"
+        return f"{self.config.key}-{self.backend}" + ("-compiled" if self.compiled else "")
+
+    @property
+    def label(self) -> str:
+        """The report's "backend" column."""
+        return f"{self.backend} (torch.compile)" if self.compiled else self.backend
 
     @property
     def is_mlhd(self) -> bool:
@@ -121,6 +127,9 @@ ALL_CANDIDATES = tuple(
     for backend in (MLHD_BACKENDS if cfg.levels is not None else TORCH_IMPLS)
 )
 ADAM_FUSED = Candidate(ADAM, "fused")
+# Not in ALL_CANDIDATES: compiling a ResNet's step takes long (Inductor), so only
+# `python -m bench.report --compile` times it.
+MLHD_ADAM_COMPILED = Candidate(MLHD_ADAM, "torch", compiled=True)
 
 
 class Live:
@@ -136,6 +145,9 @@ class Live:
     def __init__(self, candidate: Candidate, params, grad_sets):
         self.params = [p.detach().clone().requires_grad_() for p in params]
         self.optimizer = candidate.build(self.params)
+        # The torch backend's step() traces into one graph (README, "torch.compile"); it is
+        # compiled at the first call, i.e. in the untimed warm-up rounds.
+        self._step = torch.compile(self.optimizer.step) if candidate.compiled else self.optimizer.step
         self._grad_sets = grad_sets
         self._steps = 0
 
@@ -146,4 +158,4 @@ class Live:
             p.grad = g
 
     def step(self) -> None:
-        self.optimizer.step()
+        self._step()

@@ -1,7 +1,7 @@
 """One Markdown table of optimizer step times, measured side by side.
 
     python -m bench.report [--models resnet18,resnet50] [--device cpu|cuda] [--repeats N]
-                           [--out FILE.md]
+                           [--only ID,ID] [--compile] [--out FILE.md]
 
 Every available candidate (bench.candidates) of a model, plus two large streaming passes that
 measure the machine's bandwidth (bench.timing.bandwidth_subjects), runs once per round in
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .candidates import ADAM_FUSED, ALL_CANDIDATES, Candidate, Live
+from .candidates import ADAM_FUSED, ALL_CANDIDATES, MLHD_ADAM_COMPILED, Candidate, Live
 from .shapes import MODELS, make_grads, make_params, numel
 from .timing import STREAM_BYTES, Subject, bandwidth_subjects, interleave
 
@@ -32,7 +32,7 @@ DTYPE = torch.float32
 
 READ_PASS = "read g, m, v"
 COLUMNS = ("model", "optimizer", "backend", "median ms", "x mlhd torch", "x Adam fused",
-           "min B/elem", "min MB", "GB/s", "% of in-place")
+           "min B/elem", "min MB", "GB/s", "% of in-place", "% of copy_")
 
 
 def _log(msg: str) -> None:
@@ -45,12 +45,13 @@ def _median_ratio(times: dict[str, list[float]], num: Candidate, den: Candidate)
     return statistics.median(a / b for a, b in zip(times[num.id], times[den.id]))
 
 
-def bench_model(model: str, device: torch.device, repeats: int, warmup: int):
+def bench_model(model: str, device: torch.device, repeats: int, warmup: int,
+                wanted: tuple[Candidate, ...] = ALL_CANDIDATES):
     """The table rows of one model, the bandwidths (GB/s) measured among them, and the floor
     of a MultiLevelAdam step as a multiple of fused Adam (None without fused Adam)."""
     shapes = MODELS[model]
     candidates, skipped = [], {}
-    for cand in ALL_CANDIDATES:
+    for cand in wanted:
         reason = cand.unavailable_reason(shapes, device)
         if reason is None:
             candidates.append(cand)
@@ -86,10 +87,11 @@ def bench_model(model: str, device: torch.device, repeats: int, warmup: int):
         vs_fused = _median_ratio(times, cand, ADAM_FUSED)
         nbytes = cand.min_bytes(shapes, DTYPE)
         gbps = nbytes / median_s / 1e9
-        rows.append((model, cand.config.label, cand.backend, _fmt3(median_s * 1e3),
+        rows.append((model, cand.config.label, cand.label, _fmt3(median_s * 1e3),
                      _fmt_ratio(vs_torch), _fmt_ratio(vs_fused),
                      f"{nbytes / numel(shapes):.1f}", _fmt3(nbytes / 1e6),
-                     f"{gbps:.1f}", f"{100 * gbps / bandwidth['in-place']:.0f}"))
+                     f"{gbps:.1f}", f"{100 * gbps / bandwidth['in-place']:.0f}",
+                     f"{100 * gbps / bandwidth['copy_']:.0f}"))
     return rows, bandwidth, floor
 
 
@@ -138,8 +140,10 @@ def render(args, rows, bandwidth: dict[str, dict[str, float]], floors: dict[str,
         "`x Adam fused`: time / time of torch.optim.Adam(fused=True); both medians of per-round "
         "ratios",
         "- `min B/elem`, `min MB`: the fewest bytes a step must move (bench/traffic.py); "
-        "`GB/s` = min bytes / median time; `% of in-place`: of the in-place bandwidth (`copy_` "
-        "pays an uncounted write-allocate read, so optimizers can beat it)",
+        "`GB/s` = min bytes / median time; `% of in-place`, `% of copy_`: of those bandwidths "
+        "(on a CPU `copy_` pays an uncounted write-allocate read, so optimizers can beat it)",
+        *(["- `torch (torch.compile)`: the torch backend's `step()` under `torch.compile` "
+           "(Inductor, default mode), compiled in the warm-up rounds"] if args.compile else []),
         "- hyper-parameters (paper, ResNets): Adam lr 1e-3; SGD lr 0.1, Nesterov momentum 0.9; "
         "multilevel_hd defaults otherwise; [global+layer+param] starts at weights 0.4/0.3/0.3",
         "",
@@ -157,10 +161,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed rounds per model (default: %s)" % REPEATS)
+    parser.add_argument("--only", help="comma-separated candidate ids to time (e.g. mlhd-adam-triton,adam-fused); "
+                                       "default: every candidate")
+    parser.add_argument("--compile", action="store_true",
+                        help=f"also time {MLHD_ADAM_COMPILED.id}: the torch backend's step() under torch.compile "
+                             "(Inductor compiles it in the warm-up rounds, which takes a while on a ResNet)")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     args = parser.parse_args(argv)
     args.argv = argv
     args.models = args.models.split(",")
+    args.candidates = ALL_CANDIDATES + ((MLHD_ADAM_COMPILED,) if args.compile else ())
+    if args.only:
+        ids = [i for i in args.only.split(",") if i] + ([MLHD_ADAM_COMPILED.id] if args.compile else [])
+        known = {c.id: c for c in args.candidates}
+        if any(i not in known for i in ids):
+            parser.error(f"--only: unknown candidate(s) {[i for i in ids if i not in known]}; choose from {list(known)}")
+        args.candidates = tuple(known[i] for i in dict.fromkeys(ids))
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
@@ -178,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     rows, bandwidth, floors = [], {}, {}
     for model in args.models:
-        model_rows, bandwidth[model], floors[model] = bench_model(model, device, args.repeats, args.warmup)
+        model_rows, bandwidth[model], floors[model] = bench_model(model, device, args.repeats, args.warmup,
+                                                                  args.candidates)
         rows += model_rows
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the next model's candidates need the memory

@@ -12,6 +12,8 @@ learning rates and several seeds. Writes a table (Markdown, CSV) and figures to 
                                                 images/s of a ResNet-50 training step per optimizer
     python -m bench.train --throughput --batch-size 2 --image-size 64 --out /tmp/tp
                                                 a CPU smoke run of the same
+    python -m bench.train --throughput --device cuda --backends triton,cuda
+                                                fused Adam against MultiLevelAdam on each backend
 
 Needs the `examples` extra: pip install -e ".[examples]".
 """
@@ -736,9 +738,18 @@ def write_report(runs: list[Run], settings_md: str, header: str, out: Path) -> N
 
 
 # --------------------------------------------------------------------------- throughput
-def throughput_specs() -> list[OptSpec]:
-    """The ResNet settings (global+unit CAM-HD, the paper's ResNet betas), at the default lr."""
-    return optimizer_specs(SETTINGS["resnet18"])
+def throughput_specs(backends: Optional[str] = None) -> list[OptSpec]:
+    """The ResNet settings (global+unit CAM-HD, the paper's ResNet betas), at the default lr;
+    with `backends` (comma list) instead torch.optim.Adam(fused=True) and MultiLevelAdam
+    (global+unit, lr 1e-3) on each of those multilevel_hd backends."""
+    if not backends:
+        return optimizer_specs(SETTINGS["resnet18"])
+    lrs = (1e-3,) * 3
+    specs = [OptSpec("Adam (fused)", lrs, lambda p, lr: torch.optim.Adam(p, lr=lr, fused=True))]
+    for b in backends.split(","):
+        specs.append(OptSpec(f"MultiLevelAdam [global+unit] ({b})", lrs,
+                             lambda p, lr, b=b: mlhd.MultiLevelAdam(p, lr=lr, backend=b)))
+    return specs
 
 
 def _sync(device: torch.device) -> None:
@@ -784,11 +795,13 @@ def throughput(args, argv: list[str]) -> None:
     model = resnet50().to(device)
     images = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    rows = [time_steps(model, spec, images, labels, steps, warmup) for spec in [None, *throughput_specs()]]
+    specs = throughput_specs(args.backends)
+    rows = [time_steps(model, spec, images, labels, steps, warmup) for spec in [None, *specs]]
     lines = [f"`{shlex.join(['python', '-m', 'bench.train', *argv])}`: ResNet-50 (torchvision layout, "
              f"{sum(p.numel() for p in model.parameters()):,} parameters in {len(list(model.parameters()))} "
              f"tensors), batch {batch} of {args.image_size}x{args.image_size} synthetic images, float32, "
-             f"{device}, multilevel_hd backend {backend!r}, median of {steps} steps after {warmup} warm-up.", "",
+             f"{device}, multilevel_hd backend {args.backends or repr(backend)}, median of {steps} steps after "
+             f"{warmup} warm-up.", "",
              "| optimizer | images / s | step ms | optimizer.step() ms | optimizer share % | peak GiB |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -817,6 +830,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, help="--throughput batch (default 128 on cuda, 2 on cpu)")
     ap.add_argument("--image-size", type=int, default=224, help="--throughput image side (default 224)")
     ap.add_argument("--steps", type=int, help="--throughput timed steps (default 20 on cuda, 3 on cpu)")
+    ap.add_argument("--backends", help="--throughput: fused Adam against MultiLevelAdam on these multilevel_hd "
+                                       "backends (comma list, e.g. triton,cuda) instead of the ResNet settings")
     args = ap.parse_args(argv)
     unknown = set(args.models.split(",")) - set(SETTINGS)
     if unknown:

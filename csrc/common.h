@@ -185,18 +185,22 @@ template <typename S> struct Convert {
   template <typename T> MLHD_HD static S store(T x) { return static_cast<S>(x); }
 };
 
-// The per-element code below has no branch on a per-call flag: a flag becomes a coefficient
-// that makes a term vanish exactly (x + 0 * y = x, x * 1 = x), which keeps the CPU loops
-// vectorised (GCC will not vectorise a select on a loop-invariant bool).
+// The per-element code below has no branch on a per-call flag: a flag becomes a math-type
+// value selected on (`flag != 0 ? a : b`, both sides computed first, which the CPU loops
+// vectorise; GCC will not vectorise a select on a loop-invariant bool, nor one whose sides
+// hold selects of their own), or a coefficient where the term it multiplies is finite
+// (x * 1 = x, 0 * buf = 0 for the zero buffer of a first step): a coefficient of 0 on a
+// term that may be infinite would be NaN.
 // grad_factor is read from the op's device scalar (ReduceArgs / ApplyArgs) by whoever
-// builds the Coef: once per CPU op call, once per CUDA thread.
+// builds the Coef: once per CPU op call, once per CUDA thread. Adam's 1 - beta is taken in
+// double, as torch.optim takes it: in float, 1 - 0.999f is off by 1.3e-5 (0.999 itself rounds).
 template <typename T>
 struct Coef {
-  T grad_factor, weight_decay, decoupled_weight_decay, beta1, beta2, eps, momentum;
+  T grad_factor, weight_decay, decoupled_weight_decay, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, momentum;
   MLHD_HD Coef(const Hyper& h, const void* factor)
       : grad_factor(*static_cast<const T*>(factor)), weight_decay(h.weight_decay),
-        decoupled_weight_decay(h.decoupled_weight_decay), beta1(h.beta1), beta2(h.beta2), eps(h.eps),
-        momentum(h.momentum) {}
+        decoupled_weight_decay(h.decoupled_weight_decay), beta1(h.beta1), beta2(h.beta2),
+        one_minus_beta1(1 - h.beta1), one_minus_beta2(1 - h.beta2), eps(h.eps), momentum(h.momentum) {}
 };
 
 // What one tensor's own step count implies (computed in double, once per chunk).
@@ -294,33 +298,35 @@ MLHD_HD T clamp_rate(T x, T lo, T hi) {
 // The param level's coefficients for one call, from the level stage's device scalars.
 template <typename T>
 struct StepScalars {
-  T param_kappa;       // kappa_e = kappa_units[unit] + param_kappa * alpha_param_new[e]
-  T hd_mult, hd_add;   // the HD coefficient, on the multiplicative or the additive term
+  T param_kappa;  // kappa_e = kappa_units[unit] + param_kappa * alpha_param_new[e]
+  T hd;           // the HD coefficient of the rule's update
   T shrinkage, rate_min, rate_max;
+  T multiplicative, shrink;  // flags, 1 or 0 (see Coef)
+  T rates_move;              // t >= 2 (the level stage's hd_gate); before, every rate keeps its value
   MLHD_HD explicit StepScalars(const ApplyArgs& a) {
     const Hyper& h = a.hyper;
     param_kappa = a.param_level ? *static_cast<const T*>(a.param_kappa) : T(0);
-    const T hd = a.param_level ? *static_cast<const T*>(a.param_hd) : T(0);
-    hd_mult = h.multiplicative ? hd : T(0);
-    hd_add = h.multiplicative ? T(0) : hd;
+    hd = a.param_level ? *static_cast<const T*>(a.param_hd) : T(0);
     shrinkage = T(h.shrinkage);
     rate_min = T(h.rate_min);
     rate_max = T(h.rate_max);
-    if (*static_cast<const T*>(a.hd_gate) == 0) {  // before t = 2 every rate stays exactly as it is
-      hd_mult = hd_add = shrinkage = T(0);
-      rate_min = -INFINITY;
-      rate_max = INFINITY;
-    }
+    multiplicative = h.multiplicative ? T(1) : T(0);
+    shrink = h.shrinkage != 0 ? T(1) : T(0);
+    rates_move = *static_cast<const T*>(a.hd_gate);
   }
 };
 
 // The param level's HD update (SPEC step 4: multiplicative rate * (1 + hd * sign(h)) or
-// additive rate + hd * h, the other term vanishing), shrinkage toward its parent, clamp.
+// additive rate + hd * h), shrinkage toward its parent, clamp. Every switch is a select, never
+// a coefficient of 0: 0 * h is NaN for an infinite h (skip_nonfinite=False), so a switched-off
+// term or a rate that must not move would turn NaN.
 template <typename T>
 MLHD_HD T new_param_rate(T rate, T h, T parent, const StepScalars<T>& c) {
-  T r = rate * (1 + c.hd_mult * sign(h)) + c.hd_add * h;
-  r += c.shrinkage * (parent - r);
-  return clamp_rate(r, c.rate_min, c.rate_max);
+  const T multiplied = rate * (1 + c.hd * sign(h)), added = rate + c.hd * h;
+  const T updated = c.multiplicative != 0 ? multiplied : added;
+  const T shrunk = updated + c.shrinkage * (parent - updated);
+  const T clamped = clamp_rate(c.shrink != 0 ? shrunk : updated, c.rate_min, c.rate_max);
+  return c.rates_move != 0 ? clamped : rate;
 }
 
 // One tensor as the elementwise pass reads and writes it.
@@ -367,8 +373,8 @@ MLHD_HD void apply_element(int64_t e, S* __restrict__ p, const S* __restrict__ g
   x *= 1 - kappa * k.decoupled_weight_decay;
   T u = g;
   if constexpr (ADAM) {
-    const T m = k.beta1 * a[e] + (1 - k.beta1) * g;
-    T v = k.beta2 * b[e] + (1 - k.beta2) * g * g;
+    const T m = k.beta1 * a[e] + k.one_minus_beta1 * g;
+    T v = k.beta2 * b[e] + k.one_minus_beta2 * g * g;
     a[e] = m;
     b[e] = v;
     if constexpr (D == Direction::Amsgrad) {

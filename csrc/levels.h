@@ -20,9 +20,9 @@ constexpr int kNoLevel = -1;
 // per unit, then the param level's shrinkage target per unit (cpp_backend.py slices it).
 enum CoefField { kGate, kHdGate, kParamKappa, kParamHd, kCoefScalars };
 
-// The sums of one layer over its units (scratch, in double): S, Qg, Qu, and the unit level's
-// terms of the weights' hyper-gradient.
-enum LayerSum { kS, kQg, kQu, kUnitDot, kUnitSq, kLayerSums };
+// The sums of one layer (scratch, in double): over its units S, Qg, Qu and the unit level's
+// terms of the weights' hyper-gradient (the first kUnitSums), then the layer level's terms.
+enum LayerSum { kS, kQg, kQu, kUnitDot, kUnitSq, kUnitSums, kLayerDot = kUnitSums, kLayerSq, kLayerSums };
 
 struct LevelArgs {
   // Inputs, math type: per-unit sums (qg, qu only for the multiplicative rule), the param
@@ -30,8 +30,9 @@ struct LevelArgs {
   const void *s, *qg, *qu, *param_dot, *param_sq, *lr_scale;
   const bool* finite;     // the reduction's flag; null without the non-finite guard
   const void* found_inf;  // GradScaler's, math type; null without one
-  // The plan: units per layer; N / N_k per unit and per layer; 1 where a tensor steps.
-  const int64_t* units_per_layer;
+  // The plan: each layer's first unit, then num_units [num_layers + 1]; N / N_k per unit and
+  // per layer; 1 where a tensor steps.
+  const int64_t* first_unit;
   const void *unit_scale, *layer_scale, *unit_mask, *layer_mask;
   int64_t num_layers, num_units;
   // The group state (math type, skipped int64), updated in place; rates of inactive levels null.
@@ -39,11 +40,11 @@ struct LevelArgs {
   void* rate[kCoarseLevels];  // global, layer, unit
   int64_t* skipped;
   void* coef;  // out: [kCoefScalars + 2 * num_units]
-  // Scratch on the device: each layer's first unit [num_layers + 1] (filled by the runner),
-  // its sums [num_layers][kLayerSums], its old and HD-updated rate (math type, [num_layers]).
-  int64_t* first_unit;
+  // Scratch on the device: each layer's sums [num_layers][kLayerSums], its old and
+  // HD-updated rate (math type, [num_layers]), and a GroupStep<math type> (for a runner that
+  // hands update_group's result from one launch to the next).
   double* layer_sums;
-  void *old_layer, *hd_layer;
+  void *old_layer, *hd_layer, *group_step;
   // Options.
   int num_levels;
   int index[kNumLevels];    // each level's position in the weights, kNoLevel if inactive
@@ -71,8 +72,10 @@ MLHD_HD T hd_update(bool multiplicative, T old, T s, T qg, T qu, T coef, T scale
 
 // ---------------------------------------------------------------------------------------
 // The stage in three parts, which each device's runner schedules: (1) every layer's sums
-// over its units, any order of layers, (2) update_group, once, (3) update_unit for every
-// unit, any order. Between them the runner waits for all of the previous part.
+// (add_unit_sums over its units, then layer_terms), any order of layers, (2) update_group,
+// once, then update_layer for every layer, any order, (3) update_unit for every unit, any
+// order. Between them the runner waits for all of the previous part (update_layer for a
+// layer need only precede the update_unit of its own units).
 
 // (1) Unit u's terms of its layer's sums (LayerSum order), added to acc: S, Qg, Qu and the
 // unit level's terms of the weights' hyper-gradient, alpha_old * S and alpha_old^2 * Qg.
@@ -92,24 +95,44 @@ MLHD_HD void add_unit_sums(const LevelArgs& a, int64_t u, double* acc, int strid
   }
 }
 
-// What update_group decides for the unit pass.
+// (1) After layer l's sums over its units: the layer level's terms of the weights'
+// hyper-gradient, from the layer's old rate: alpha_old * S and alpha_old^2 * Qg (0 without a
+// layer level), each a product in the math type.
+template <typename T>
+MLHD_HD void layer_terms(const LevelArgs& a, int64_t l) {
+  double* sums = a.layer_sums + l * kLayerSums;
+  double dot = 0, sq = 0;
+  if (a.index[kLayerLevel] >= 0) {
+    const T old = static_cast<const T*>(a.rate[kLayerLevel])[l], s = T(sums[kS]), qg = T(sums[kQg]);
+    dot = old * s;
+    sq = old * old * qg;
+  }
+  sums[kLayerDot] = dot;
+  sums[kLayerSq] = sq;
+}
+
+// What update_group decides for the layer and unit passes.
 template <typename T>
 struct GroupStep {
   T gate, hd_gate, tau_t, hd_prev, applied, rest;  // kappa = applied * (tau_t * alpha* + rest)
   T w[kNumLevels];                                 // the old weights
   T old_g, hd_g, rate_g;                           // the global rate: old, HD-updated, new
+  T lr_scale, offset;                              // this step's LR factor; a stepping layer's applied offset
+  // Level lv's coefficient in the additive HD update (beta * hd_prev * w) and in the
+  // multiplicative one (beta * w).
+  MLHD_HD T coef(const LevelArgs& a, int lv) const { return T(a.beta[lv]) * hd_prev * w[lv]; }
+  MLHD_HD T beta_w(const LevelArgs& a, int lv) const { return T(a.beta[lv]) * w[lv]; }
 };
 
-// (2) SPEC step 2 (the gate, t, the skip counter), step 4 for the global and layer levels
-// (HD update from the old rate, shrinkage toward the parent's HD-updated rate, the bounds;
-// moved only when the step moves rates and, for a layer, its tensor steps), the weights
-// (used from the next step on), lr_scale, what each tensor's step applied
-// (state.record_applied_rates) and the coefficient scalars. One thread.
+// (2) SPEC step 2 (the gate, t, the skip counter), step 4 for the global level (HD update
+// from the old rate, the bounds; moved only when the step moves rates), the weights (used
+// from the next step on), lr_scale and the coefficient scalars. One thread. total: the
+// group's sums (LayerSum order), each the layers' sums added in layer order to 0 (a chain of
+// additions in double), which is what makes the result independent of the runner.
 template <typename T>
-MLHD_HD GroupStep<T> update_group(const LevelArgs& a) {
+MLHD_HD GroupStep<T> update_group(const LevelArgs& a, const double* total) {
   auto in = [](const void* p) { return static_cast<const T*>(p); };
   auto io = [](void* p) { return static_cast<T*>(p); };
-  const int64_t L = a.num_layers;
   const bool mult = a.multiplicative;
   GroupStep<T> g{};
   T bad = 0;
@@ -129,45 +152,22 @@ MLHD_HD GroupStep<T> update_group(const LevelArgs& a) {
   g.applied = g.gate * lr_scale;
   g.rest = (1 - g.tau_t) * T(a.final_lr);
   for (int lv = 0; lv < kNumLevels; ++lv) g.w[lv] = a.index[lv] >= 0 ? in(a.weights)[a.index[lv]] : T(0);
-  const T lo = T(a.rate_min), hi = T(a.rate_max);
-  auto coef = [&](int lv) { return T(a.beta[lv]) * g.hd_prev * g.w[lv]; };
-  auto beta_w = [&](int lv) { return T(a.beta[lv]) * g.w[lv]; };
-  auto layer_sum = [&](int64_t l, int q) { return T(a.layer_sums[l * kLayerSums + q]); };
-
-  double total[kLayerSums] = {};  // the group's sums, in layer order
-  for (int64_t l = 0; l < L; ++l)
-    for (int q = 0; q < kLayerSums; ++q) total[q] += a.layer_sums[l * kLayerSums + q];
   const T s_global = T(total[kS]), qg_global = T(total[kQg]), qu_global = T(total[kQu]);
 
   if (a.index[kGlobalLevel] >= 0) {
     g.old_g = *in(a.rate[kGlobalLevel]);
-    g.hd_g = hd_update(mult, g.old_g, s_global, qg_global, qu_global, coef(kGlobalLevel), T(1), beta_w(kGlobalLevel));
-    g.rate_g = g.hd_gate > 0 ? clamp_rate(g.hd_g, lo, hi) : g.old_g;
+    g.hd_g = hd_update(mult, g.old_g, s_global, qg_global, qu_global, g.coef(a, kGlobalLevel), T(1),
+                       g.beta_w(a, kGlobalLevel));
+    g.rate_g = g.hd_gate > 0 ? clamp_rate(g.hd_g, T(a.rate_min), T(a.rate_max)) : g.old_g;
     *io(a.rate[kGlobalLevel]) = g.rate_g;
-  }
-  double layer_dot = 0, layer_sq = 0;
-  if (a.index[kLayerLevel] >= 0) {
-    T* rate = io(a.rate[kLayerLevel]);
-    T *old_layer = io(a.old_layer), *hd_layer = io(a.hd_layer);
-    const T c = coef(kLayerLevel), bw = beta_w(kLayerLevel), rho = T(a.rho[kLayerLevel]);
-    for (int64_t l = 0; l < L; ++l) {
-      const T old = old_layer[l] = rate[l];
-      const T s = layer_sum(l, kS), qg = layer_sum(l, kQg);
-      const T size = a.sized ? in(a.layer_scale)[l] : T(1);
-      const T hd = hd_layer[l] = hd_update(mult, old, s, qg, layer_sum(l, kQu), c, size, bw);
-      const T shrunk = a.parent[kLayerLevel] == kNoLevel ? hd : lerp(hd, g.hd_g, rho);
-      rate[l] = g.hd_gate * in(a.layer_mask)[l] > 0 ? clamp_rate(shrunk, lo, hi) : old;
-      layer_dot += old * s;
-      layer_sq += old * old * qg;
-    }
   }
 
   // The weights (more than one level), from the old weights and rates: G_k = sum_j
   // alpha_k_old[j] S_k[j] (tau_{t-1} is in hd_prev), R_k = sum_j alpha_k_old[j]^2 Qg_k[j].
   if (a.num_levels > 1) {
-    const T dot[kNumLevels] = {g.old_g * s_global, T(layer_dot), T(total[kUnitDot]),
+    const T dot[kNumLevels] = {g.old_g * s_global, T(total[kLayerDot]), T(total[kUnitDot]),
                                a.param_dot ? *in(a.param_dot) : T(0)};
-    const T sq[kNumLevels] = {g.old_g * g.old_g * qg_global, T(layer_sq), T(total[kUnitSq]),
+    const T sq[kNumLevels] = {g.old_g * g.old_g * qg_global, T(total[kLayerSq]), T(total[kUnitSq]),
                               a.param_sq ? *in(a.param_sq) : T(0)};
     T new_w[kNumLevels] = {}, sum = 0;
     for (int lv = 0; lv < kNumLevels; ++lv) {
@@ -188,15 +188,9 @@ MLHD_HD GroupStep<T> update_group(const LevelArgs& a) {
   }
   *io(a.lr_scale_state) = g.gate > 0 ? lr_scale : lr_scale_old;
 
-  const int K = a.num_levels;
-  T offset = lr_scale * (1 - g.tau_t) * T(a.final_lr);
-  if (a.index[kGlobalLevel] >= 0) offset = offset + lr_scale * g.tau_t * g.w[kGlobalLevel] * g.rate_g;
-  for (int64_t l = 0; l < L; ++l) {
-    if (!(in(a.layer_mask)[l] * g.gate > 0)) continue;
-    for (int lv = 0; lv < kNumLevels; ++lv)
-      if (a.index[lv] >= 0) io(a.applied_scale)[l * K + a.index[lv]] = lr_scale * g.tau_t * g.w[lv];
-    io(a.applied_offset)[l] = offset;
-  }
+  g.lr_scale = lr_scale;
+  g.offset = lr_scale * (1 - g.tau_t) * T(a.final_lr);
+  if (a.index[kGlobalLevel] >= 0) g.offset = g.offset + lr_scale * g.tau_t * g.w[kGlobalLevel] * g.rate_g;
 
   T* out = io(a.coef);
   const T w_p = g.w[kParamLevel], beta_p = T(a.beta[kParamLevel]);
@@ -205,6 +199,31 @@ MLHD_HD GroupStep<T> update_group(const LevelArgs& a) {
   out[kParamKappa] = g.applied * g.tau_t * w_p;
   out[kParamHd] = mult ? beta_p * w_p : beta_p * g.hd_prev * w_p;
   return g;
+}
+
+// (2) Layer l, after update_group: SPEC step 4 for the layer level (HD update from the old
+// rate, shrinkage toward the parent's HD-updated rate, the bounds; moved only when the step
+// moves rates and the layer's tensor steps; its old and HD-updated rate kept for the unit
+// pass) and, if its tensor steps, what its step applied (state.record_applied_rates).
+template <typename T>
+MLHD_HD void update_layer(const LevelArgs& a, const GroupStep<T>& g, int64_t l) {
+  const T mask = static_cast<const T*>(a.layer_mask)[l];
+  if (a.index[kLayerLevel] >= 0) {
+    T* rate = static_cast<T*>(a.rate[kLayerLevel]);
+    const double* sums = a.layer_sums + l * kLayerSums;
+    const T old = static_cast<T*>(a.old_layer)[l] = rate[l];
+    const T size = a.sized ? static_cast<const T*>(a.layer_scale)[l] : T(1);
+    const T hd = static_cast<T*>(a.hd_layer)[l] =
+        hd_update(a.multiplicative, old, T(sums[kS]), T(sums[kQg]), T(sums[kQu]), g.coef(a, kLayerLevel), size,
+                  g.beta_w(a, kLayerLevel));
+    const T shrunk = a.parent[kLayerLevel] == kNoLevel ? hd : lerp(hd, g.hd_g, T(a.rho[kLayerLevel]));
+    rate[l] = g.hd_gate * mask > 0 ? clamp_rate(shrunk, T(a.rate_min), T(a.rate_max)) : old;
+  }
+  if (!(mask * g.gate > 0)) return;
+  T* scale = static_cast<T*>(a.applied_scale) + l * a.num_levels;
+  for (int lv = 0; lv < kNumLevels; ++lv)
+    if (a.index[lv] >= 0) scale[a.index[lv]] = g.lr_scale * g.tau_t * g.w[lv];
+  static_cast<T*>(a.applied_offset)[l] = g.offset;
 }
 
 // What the unit pass needs for the units of one layer: everything loop-invariant, so that a
@@ -234,8 +253,8 @@ MLHD_HD UnitPass<T> unit_pass(const LevelArgs& a, const GroupStep<T>& g, int64_t
   c.rate = a.index[kUnitLevel] >= 0 ? static_cast<T*>(a.rate[kUnitLevel]) : nullptr;
   c.kappa_out = static_cast<T*>(a.coef) + kCoefScalars;
   c.parent_out = c.kappa_out + a.num_units;
-  c.coef = T(a.beta[kUnitLevel]) * g.hd_prev * g.w[kUnitLevel];
-  c.beta_w = T(a.beta[kUnitLevel]) * g.w[kUnitLevel];
+  c.coef = g.coef(a, kUnitLevel);
+  c.beta_w = g.beta_w(a, kUnitLevel);
   c.rho = T(a.rho[kUnitLevel]);
   c.lo = T(a.rate_min);
   c.hi = T(a.rate_max);

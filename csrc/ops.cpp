@@ -190,10 +190,11 @@ MLHD_TORCH_LIBRARY(MLHD_OPS, m) {
   // group state updated in place, and coef = (gate, hd_gate, param_kappa, param_hd,
   // kappa per unit, the param level's shrinkage target per unit) for apply. Per level
   // (global, layer, unit, param): level_index its position in the weights or -1, parents
-  // its shrinkage parent or -1; rates of inactive levels are None.
+  // its shrinkage parent or -1; rates of inactive levels are None. first_unit: each layer's
+  // first unit, then the number of units (layer l's units are first_unit[l] to first_unit[l + 1]).
   m.def(
       "levels(Tensor s, Tensor? qg, Tensor? qu, Tensor? param_dot, Tensor? param_sq, Tensor? finite, "
-      "Tensor? found_inf, Tensor lr_scale, Tensor units_per_layer, Tensor unit_scale, Tensor layer_scale, "
+      "Tensor? found_inf, Tensor lr_scale, Tensor first_unit, Tensor unit_scale, Tensor layer_scale, "
       "Tensor unit_mask, Tensor layer_mask, Tensor(a!) step, Tensor(b!) skipped, Tensor(c!) lr_scale_state, "
       "Tensor(d!) weights, Tensor(e!)? rate_global, Tensor(f!)? rate_layer, Tensor(g!)? rate_unit, "
       "Tensor(h!) applied_scale, Tensor(i!) applied_offset, Tensor(j!) coef, int[] level_index, int[] parents, "

@@ -122,7 +122,7 @@ template <class Runner>
 void levels_op(const at::Tensor& s, const std::optional<at::Tensor>& qg, const std::optional<at::Tensor>& qu,
                const std::optional<at::Tensor>& param_dot, const std::optional<at::Tensor>& param_sq,
                const std::optional<at::Tensor>& finite, const std::optional<at::Tensor>& found_inf,
-               const at::Tensor& lr_scale, const at::Tensor& units_per_layer, const at::Tensor& unit_scale,
+               const at::Tensor& lr_scale, const at::Tensor& first_unit, const at::Tensor& unit_scale,
                const at::Tensor& layer_scale, const at::Tensor& unit_mask, const at::Tensor& layer_mask,
                at::Tensor& step, at::Tensor& skipped, at::Tensor& lr_scale_state, at::Tensor& weights,
                const std::optional<at::Tensor>& rate_global, const std::optional<at::Tensor>& rate_layer,
@@ -137,23 +137,24 @@ void levels_op(const at::Tensor& s, const std::optional<at::Tensor>& qg, const s
                   rho.size() == kNumLevels,
               "levels: level_index, parents, beta and rho need one entry per level (global, layer, unit, param)");
   LevelArgs a{};
-  a.num_layers = units_per_layer.numel();
-  a.num_units = s.numel();
   const at::Device device = weights.device();
-  TORCH_CHECK(units_per_layer.scalar_type() == at::kLong && units_per_layer.is_contiguous() &&
-                  units_per_layer.device() == device,
-              "levels: units_per_layer must be a contiguous int64 tensor on the group state's device");
+  TORCH_CHECK(first_unit.dim() == 1 && first_unit.numel() > 0 && first_unit.scalar_type() == at::kLong &&
+                  first_unit.is_contiguous() && first_unit.device() == device,
+              "levels: first_unit must be a contiguous 1-D int64 tensor of num_layers + 1 elements on the group "
+              "state's device");
+  a.num_layers = first_unit.numel() - 1;
+  a.num_units = s.numel();
   auto array = [&](const at::Tensor& t, int64_t n, const char* what) {
     TORCH_CHECK(t.numel() == n && t.is_contiguous() && is_math(t, math), "levels: ", what, " must be a contiguous ",
                 math.dtype(), " tensor of ", n, " elements on the group state's device");
     return t.data_ptr();
   };
   const int64_t L = a.num_layers, U = a.num_units;
-  a.units_per_layer = units_per_layer.data_ptr<int64_t>();
+  a.first_unit = first_unit.data_ptr<int64_t>();
   if (device.is_cpu()) {  // (on a GPU this would wait for the device)
-    int64_t units = 0;
-    for (int64_t l = 0; l < L; ++l) units += a.units_per_layer[l];
-    TORCH_CHECK(units == U, "levels: units_per_layer adds up to ", units, ", not the ", U, " unit sums");
+    bool ordered = a.first_unit[0] == 0 && a.first_unit[L] == U;
+    for (int64_t l = 0; l < L; ++l) ordered = ordered && a.first_unit[l] <= a.first_unit[l + 1];
+    TORCH_CHECK(ordered, "levels: first_unit must rise from 0 to the ", U, " unit sums");
   }
   a.s = array(s, U, "s");
   a.qg = qg ? array(*qg, U, "qg") : nullptr;
@@ -211,10 +212,11 @@ void levels_op(const at::Tensor& s, const std::optional<at::Tensor>& qg, const s
   a.sized = sized;
   const bool float64 = math.dtype() == at::kDouble;
   const int64_t math_bytes = float64 ? 8 : 4;
-  at::Tensor scratch = at::empty({(L + 1 + L * kLayerSums) * 8 + 2 * L * math_bytes}, math.dtype(at::kByte));
-  a.first_unit = reinterpret_cast<int64_t*>(scratch.data_ptr());
-  a.layer_sums = reinterpret_cast<double*>(a.first_unit + L + 1);
-  a.old_layer = a.layer_sums + L * kLayerSums;
+  const int64_t group_bytes = (int64_t(float64 ? sizeof(GroupStep<double>) : sizeof(GroupStep<float>)) + 7) / 8 * 8;
+  at::Tensor scratch = at::empty({L * kLayerSums * 8 + group_bytes + 2 * L * math_bytes}, math.dtype(at::kByte));
+  a.layer_sums = reinterpret_cast<double*>(scratch.data_ptr());
+  a.group_step = a.layer_sums + L * kLayerSums;
+  a.old_layer = static_cast<char*>(a.group_step) + group_bytes;  // (8-byte aligned, like each part)
   a.hd_layer = static_cast<char*>(a.old_layer) + L * math_bytes;
   Runner::levels(a, float64, device);
 }

@@ -36,7 +36,8 @@ META_PIECES = tl.constexpr(3)  # reduction pieces per unit (1 unless the row is 
 META_PIECE_LEN = tl.constexpr(4)  # elements per piece (the last piece of a unit may be shorter)
 META_SLOT = tl.constexpr(5)  # where the tensor's piece sums go in the sums rows
 META_UNIT_STRIDE = tl.constexpr(6)  # p.stride(0): row_len unless the layout is strided
-META_COLS = tl.constexpr(7)
+META_UNITS = tl.constexpr(7)  # numel // row_len, so that no kernel divides in 64 bits for it
+META_COLS = tl.constexpr(8)
 
 # Base optimizer (the `KIND` switch of both kernels).
 SGD = tl.constexpr(0)
@@ -46,12 +47,12 @@ ADAM = tl.constexpr(1)
 @triton.jit
 def tensor_meta(table, tensor):
     """The tensor's metadata row:
-    (numel, row_len, unit_offset, pieces, piece_len, slot, unit_stride)."""
+    (numel, row_len, unit_offset, pieces, piece_len, slot, unit_stride, units)."""
     row = table + tensor * META_COLS
     return (
         tl.load(row + META_NUMEL), tl.load(row + META_ROW_LEN), tl.load(row + META_UNIT_OFFSET),
         tl.load(row + META_PIECES), tl.load(row + META_PIECE_LEN), tl.load(row + META_SLOT),
-        tl.load(row + META_UNIT_STRIDE),
+        tl.load(row + META_UNIT_STRIDE), tl.load(row + META_UNITS),
     )
 
 
@@ -108,8 +109,12 @@ def bias_correction(step, log_beta):
 
 @triton.jit
 def adam_direction(m, v, bc1, bc2, eps):
-    """SPEC section 3: (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)."""
-    return (m / bc1) / (tl.sqrt(v / bc2) + eps)
+    """SPEC section 3: (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
+
+    IEEE-rounded, as torch.optim's fused Adam and the cuda backend: on CUDA `/` and
+    tl.sqrt compile to approximations (div.full.f32, sqrt.approx.ftz.f32);
+    tests/test_triton_ptx.py checks the PTX."""
+    return tl.div_rn(tl.div_rn(m, bc1), tl.sqrt_rn(tl.div_rn(v, bc2)) + eps)
 
 
 @triton.jit
@@ -117,10 +122,12 @@ def to_dtype(x, DTYPE: tl.constexpr):
     """float32 -> DTYPE with round-to-nearest-even, as torch rounds.
 
     bfloat16 is rounded by hand: the interpreter's float32 -> bfloat16 cast truncates,
-    and a truncating cast biases every half-precision step toward zero."""
+    and a truncating cast biases every half-precision step toward zero. A NaN is
+    truncated with its quiet bit set instead: the rounding's carry would turn 0x7FFFFFFF
+    (a GPU's NaN) into -0.0, and truncation alone 0x7F800001 into +Inf."""
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
+        bits = tl.where(x != x, bits | 0x400000, bits + 0x7FFF + ((bits >> 16) & 1))
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)

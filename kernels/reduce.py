@@ -30,9 +30,11 @@ CLASS_NARROW = tl.constexpr(0)
 CLASS_WIDE = tl.constexpr(1)
 CLASS_WIDE4 = tl.constexpr(2)
 REDUCE_WARPS = 8
-# Rows of the chunk table (int64 [CHUNK_COLS, n_chunks]).
-CHUNK_TENSOR, CHUNK_FIRST, CHUNK_CLASS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-CHUNK_COLS = 3
+# Rows of the chunk table (int64 [CHUNK_COLS, n_chunks]): the tensor, the unit and the
+# piece within it of the tile's first row (precomputed: a 64-bit division is a long
+# software routine on the GPU), the tile class.
+CHUNK_TENSOR, CHUNK_UNIT, CHUNK_PIECE, CHUNK_CLASS = (tl.constexpr(i) for i in range(4))
+CHUNK_COLS = 4
 # Rows of the per-program partials (float32 [3, n_chunks]).
 PARTIAL_BAD, PARTIAL_DOT, PARTIAL_SQ = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 FINISH_BLOCK = tl.constexpr(1024)  # partials or step counts per iteration
@@ -42,31 +44,40 @@ FINISH_PIECES = tl.constexpr(32)
 
 @triton.jit
 def _reduce_tile(
-    chunk, tensor, first_piece, pointers, table, n_tensors, sums, sums_stride, partials,
+    chunk, tensor, first_unit, first_piece, pointers, table, n_tensors, sums, sums_stride, partials,
     n_chunks, grad_factor, weight_decay, log_beta1, log_beta2, eps,
     P_DTYPE: tl.constexpr, KIND: tl.constexpr, COUPLED_WD: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr, NEED_SUMS: tl.constexpr, MULTIPLICATIVE: tl.constexpr,
     PARAM_SUMS: tl.constexpr, STRIDED: tl.constexpr, ALIGNED: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, ROW4: tl.constexpr,
 ):
-    """One tile: pieces first_piece .. first_piece + ROWS - 1 of `tensor`, one per row.
-    ROW4: row and piece lengths are multiples of 4 (so pieces start 16-byte aligned)."""
-    numel, row_len, _, pieces, piece_len, slot, unit_stride = tensor_meta(table, tensor)
+    """One tile: ROWS pieces of `tensor` in order, one per row, from piece first_piece
+    (int32) of unit first_unit. ROW4: row and piece lengths are multiples of 4 (so pieces
+    start 16-byte aligned).
+
+    Positions within a unit are int32, so no per-element division is 64-bit: a row has
+    fewer than 2**31 - 2048 elements (triton_tables.MAX_ROW_LEN), so row_len + ROWS + COLS
+    bounds every such value, unit_stride <= row_len (it is the product of the sizes
+    of the dimensions inside dimension 0) and pieces <= row_len."""
+    _, row_len, _, pieces, piece_len, slot, unit_stride, units = tensor_meta(table, tensor)
     p_ptr, g_ptr, s1_ptr, s2_ptr, rate_ptr = tensor_pointers(pointers, tensor, n_tensors, P_DTYPE, ALIGNED)
     if ROW4:  # no-ops that tell the compiler so (a hint on an inlined helper's result is lost)
         row_len = row_len // 4 * 4
         piece_len = piece_len // 4 * 4
-    units = numel // row_len
-    q = first_piece + tl.arange(0, ROWS)  # the tile's pieces, numbered within the tensor
-    unit = q // pieces
-    k = q - unit * pieces  # which piece of its unit
+    pieces32 = pieces.to(tl.int32)
+    local = first_piece + tl.arange(0, ROWS)  # the tile's pieces, from piece 0 of first_unit
+    unit_step = local // pieces32
+    unit = first_unit + unit_step
+    k = local - unit_step * pieces32  # which piece of its unit
+    q = first_unit * pieces + local  # the pieces, numbered within the tensor
     col = tl.arange(0, COLS)[None, :]
-    pos = k[:, None] * piece_len + col  # position in the unit, in memory order
-    live = q < units * pieces
+    pos = k[:, None] * piece_len.to(tl.int32) + col  # position in the unit, in memory order
+    live = unit < units
     mask = live[:, None] & (col < piece_len) & (pos < row_len)
     if STRIDED:
-        run = pos // unit_stride
-        offs = unit[:, None] * unit_stride + run * (unit_stride * units) + (pos - run * unit_stride)
+        stride32 = unit_stride.to(tl.int32)
+        run = pos // stride32
+        offs = unit[:, None] * unit_stride + run * (unit_stride * units) + (pos - run * stride32)
     else:
         start = unit * row_len + k * piece_len
         if ROW4:
@@ -86,7 +97,9 @@ def _reduce_tile(
             # m = v = 0, and max(step, 1) keeps the bias corrections finite (u_prev = 0).
             step = tl.load(tl.load(pointers + ROLE_STEP * n_tensors + tensor).to(tl.pointer_type(tl.float32)))
             step = tl.maximum(step, 1.0)
-            v = tl.load(s2_ptr + offs, mask=mask, other=0.0)
+            # masked lanes: m = 0 and v = 1 give u = 0 for every eps (v = 0 and eps = 0,
+            # a legal Adam option, would give 0/0 = NaN and poison the sums)
+            v = tl.load(s2_ptr + offs, mask=mask, other=1.0)
             u = adam_direction(u, v, bias_correction(step, log_beta1), bias_correction(step, log_beta2), eps)
         h = g * u
         out = sums + slot + q
@@ -116,26 +129,27 @@ def reduce_kernel(
     pid = tl.program_id(0)
     grad_factor = load_grad_factor(grad_factor_ptr)
     tensor = tl.load(chunks + CHUNK_TENSOR * n_bucket_chunks + pid)
-    first_piece = tl.load(chunks + CHUNK_FIRST * n_bucket_chunks + pid)
+    first_unit = tl.load(chunks + CHUNK_UNIT * n_bucket_chunks + pid)
+    first_piece = tl.load(chunks + CHUNK_PIECE * n_bucket_chunks + pid).to(tl.int32)
     cls = tl.load(chunks + CHUNK_CLASS * n_bucket_chunks + pid)
     chunk = chunk_base + pid
     if cls == CLASS_NARROW:
         _reduce_tile(
-            chunk, tensor, first_piece, pointers, table, n_tensors, sums, sums_stride, partials,
+            chunk, tensor, first_unit, first_piece, pointers, table, n_tensors, sums, sums_stride, partials,
             n_chunks, grad_factor, weight_decay, log_beta1, log_beta2, eps, P_DTYPE, KIND, COUPLED_WD,
             SKIP_NONFINITE, NEED_SUMS, MULTIPLICATIVE, PARAM_SUMS, STRIDED, ALIGNED,
             TILE // NARROW, NARROW, False,
         )
     elif cls == CLASS_WIDE:
         _reduce_tile(
-            chunk, tensor, first_piece, pointers, table, n_tensors, sums, sums_stride, partials,
+            chunk, tensor, first_unit, first_piece, pointers, table, n_tensors, sums, sums_stride, partials,
             n_chunks, grad_factor, weight_decay, log_beta1, log_beta2, eps, P_DTYPE, KIND, COUPLED_WD,
             SKIP_NONFINITE, NEED_SUMS, MULTIPLICATIVE, PARAM_SUMS, STRIDED, ALIGNED,
             TILE // WIDE, WIDE, False,
         )
     else:
         _reduce_tile(
-            chunk, tensor, first_piece, pointers, table, n_tensors, sums, sums_stride, partials,
+            chunk, tensor, first_unit, first_piece, pointers, table, n_tensors, sums, sums_stride, partials,
             n_chunks, grad_factor, weight_decay, log_beta1, log_beta2, eps, P_DTYPE, KIND, COUPLED_WD,
             SKIP_NONFINITE, NEED_SUMS, MULTIPLICATIVE, PARAM_SUMS, STRIDED, ALIGNED,
             TILE // WIDE, WIDE, True,

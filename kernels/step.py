@@ -28,7 +28,7 @@ CHUNK_COLS = 2
 
 @triton.jit
 def _step_block(
-    tensor, start, numel, row_len, unit_offset, unit_stride, pointers, n_tensors, old_steps, grad_factor,
+    tensor, start, numel, units, unit_offset, unit_stride, pointers, n_tensors, old_steps, grad_factor,
     hd_gate_ptr, kappa_units, kappa_stride, param_kappa_ptr, param_hd_ptr, parent_ptr, parent_stride,
     weight_decay, beta1, beta2, log_beta1, log_beta2, eps, momentum, dampening, shrink, lo, hi,
     P_DTYPE: tl.constexpr, KIND: tl.constexpr, AMSGRAD: tl.constexpr, MOMENTUM: tl.constexpr,
@@ -105,7 +105,6 @@ def _step_block(
         first = start // unit_stride
         unit = ((start - first * unit_stride).to(tl.int32) + idx) // unit_stride.to(tl.int32)
         if STRIDED:
-            units = numel // row_len
             unit = ((first % units).to(tl.int32) + unit) % units.to(tl.int32)
         else:
             unit = first + unit
@@ -153,12 +152,12 @@ def step_kernel(
     pid = tl.program_id(0)
     tensor = tl.load(chunks + CHUNK_TENSOR * n_bucket_chunks + pid)
     start = tl.multiple_of(tl.load(chunks + CHUNK_START * n_bucket_chunks + pid), BLOCK)
-    numel, row_len, unit_offset, _, _, _, unit_stride = tensor_meta(table, tensor)
+    numel, _, unit_offset, _, _, _, unit_stride, units = tensor_meta(table, tensor)
     if tl.load(gate_ptr) != 0.0:
         grad_factor = load_grad_factor(grad_factor_ptr)  # maximize's sign over GradScaler's scale
         if start + BLOCK <= numel:
             _step_block(
-                tensor, start, numel, row_len, unit_offset, unit_stride, pointers, n_tensors, old_steps,
+                tensor, start, numel, units, unit_offset, unit_stride, pointers, n_tensors, old_steps,
                 grad_factor, hd_gate_ptr, kappa_units, kappa_stride, param_kappa_ptr, param_hd_ptr, parent_ptr,
                 parent_stride, weight_decay, beta1, beta2, log_beta1, log_beta2, eps, momentum,
                 dampening, shrink, lo, hi, P_DTYPE, KIND, AMSGRAD, MOMENTUM, NESTEROV, COUPLED_WD,
@@ -167,7 +166,7 @@ def step_kernel(
             )
         else:
             _step_block(
-                tensor, start, numel, row_len, unit_offset, unit_stride, pointers, n_tensors, old_steps,
+                tensor, start, numel, units, unit_offset, unit_stride, pointers, n_tensors, old_steps,
                 grad_factor, hd_gate_ptr, kappa_units, kappa_stride, param_kappa_ptr, param_hd_ptr, parent_ptr,
                 parent_stride, weight_decay, beta1, beta2, log_beta1, log_beta2, eps, momentum,
                 dampening, shrink, lo, hi, P_DTYPE, KIND, AMSGRAD, MOMENTUM, NESTEROV, COUPLED_WD,

@@ -110,6 +110,7 @@ class StepPlan:
         for level in ("layer", "unit"):
             self.size_scale(level, device, dtype)
         self.units_per_layer(device)
+        self.first_units(device)
         self.layer_of_unit(device)
 
     def unit_mask(self, device, dtype) -> torch.Tensor:
@@ -146,6 +147,14 @@ class StepPlan:
         return self.cached(
             ("units_per_layer", device),
             lambda: torch.tensor([t.units for t in self.layout.tensors], device=device),
+        )
+
+    def first_units(self, device) -> torch.Tensor:
+        """Each layer's first unit in the flat unit array, then the number of units: the
+        bounds of the layers for the compiled level stage."""
+        return self.cached(
+            ("first_units", device),
+            lambda: torch.tensor([t.unit_offset for t in self.layout.tensors] + [self.layout.num_units], device=device),
         )
 
     def layer_of_unit(self, device) -> torch.Tensor:

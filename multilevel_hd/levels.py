@@ -95,8 +95,10 @@ def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
     def level_sum(level, per_unit):
         if level == "unit":
             return per_unit
-        if level == "layer":
-            return torch.segment_reduce(per_unit, "sum", lengths=layer_lengths)
+        if level == "layer":  # in float64, as the compiled level stages add a layer's units:
+            # segment_reduce adds them one after another, which in float32 is off by 5e-6
+            # for a layer of 300k units (.sum() would be by 5e-8)
+            return torch.segment_reduce(per_unit.double(), "sum", lengths=layer_lengths).to(per_unit.dtype)
         return ordered_sum(per_unit)
 
     old = {lv: gs[GROUP_RATE_KEYS[lv]].clone() for lv in coarse}

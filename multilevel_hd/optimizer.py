@@ -16,7 +16,7 @@ import torch
 
 from . import backends
 from .hierarchy import GroupLayout, StepPlan
-from .options import DEFAULT_LEVELS, check_nonnegative, lr_scale, resolve, validate_group
+from .options import DEFAULT_LEVELS, check_nonnegative, lr_scale, resolve
 from .reference import applied_rate, rate_view
 from .state import (
     GroupJob,
@@ -52,6 +52,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         self._plans: list = []
         self._options: list = []  # per group: (option key, GroupOptions) of the last step
         self._backends: list = []  # per group: the backend module of the last step
+        self._state_levels: list = []  # per group: the levels its state was made for (None: no state yet)
         # what `_option_key` compares: every option but lr, and the scheduler's base lr
         self._option_names = tuple(k for k in defaults if k != "lr") + ("initial_lr",)
         self.sharding_group = sharding_group
@@ -64,8 +65,8 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
     # resolved options; backend modules), and hooks are dropped, as torch.optim drops them.
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state.update(group_states=self.group_states, _layouts=self._layouts, _option_names=self._option_names,
-                     sharding_group=self.sharding_group)
+        state.update(group_states=self.group_states, _state_levels=self._state_levels, _layouts=self._layouts,
+                     _option_names=self._option_names, sharding_group=self.sharding_group)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -88,12 +89,13 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     raise ValueError("multilevel_hd does not support complex parameters")
                 if not p.is_floating_point():
                     raise ValueError(f"parameters must be floating point, got {p.dtype}")
-            validate_group(_with_number_lr(group), self._kind)
+            resolve(_with_number_lr(group), self._kind)
             _check_torch_optim_flags(group)
-        except (ValueError, RuntimeError, NotImplementedError):
+        except (ValueError, TypeError, RuntimeError, NotImplementedError):
             self.param_groups.pop()
             raise
         self.group_states.append(None)
+        self._state_levels.append(None)
         self._layouts.append(GroupLayout.of(group["params"]))
         self._plans.append(None)
         self._options.append(None)
@@ -114,14 +116,19 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Every group is checked before any group changes, so that a step that raises leaves
+        # everything as it was (a later group's bad option must not find an earlier one stepped).
+        for index, group in enumerate(self.param_groups):
+            self._init_group(group, index, check_only=True)
         for index, group in enumerate(self.param_groups):
             active = self._init_group(group, index)
             if active:
                 self._backends[index].step(self._job(index, group, active))
         return loss
 
-    def _init_group(self, group: dict, index: int) -> tuple:
+    def _init_group(self, group: dict, index: int, check_only: bool = False) -> tuple:
         """Everything host-side of a group's step: checks, options, plan, state, backend.
+        Every check comes before anything changes; `check_only` stops there.
 
         Returns the indices (in group order) of the parameters that step: those with a
         gradient and at least one element. Under torch.compile Dynamo runs this method
@@ -148,14 +155,28 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     f"the group); found {device} and {p.device}"
                 )
         opts = self._group_options(index, group, device)
-        self._backends[index] = backends.get(_backend_name(group, device))
+        backend = _backend_name(group, device)
+        state_levels = self._state_levels[index]
+        if state_levels is not None and state_levels != opts.levels:
+            raise ValueError(
+                f"param group {index}'s levels cannot change after its first step: its state is for "
+                f"{state_levels}, the group now says {opts.levels}"
+            )
+        keys = expected_param_keys(opts)
+        if any(self.state.get(params[j]) and set(self.state[params[j]]) != keys for j in active):
+            raise ValueError(
+                f"the state of param group {index} does not fit its options: momentum cannot become or "
+                "stop being 0, nor nesterov change, after a parameter's first step"
+            )
+        if check_only:
+            return active
+        self._backends[index] = backends.get(backend)
         group_state = self.group_states[index]
         if group_state is None:
             group_state = self.group_states[index] = new_group_state(
                 opts, self._layouts[index], device, group_dtype(params)
             )
-        elif group_state["weights"].numel() != len(opts.levels):
-            raise ValueError("a param group's levels cannot change after its first step")
+            self._state_levels[index] = opts.levels
         plan = self._plans[index]
         if plan is None or plan.active != active:
             plan = self._plans[index] = StepPlan(self._layouts[index], active)
@@ -182,9 +203,9 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             opts = dataclasses.replace(opts, lr_scale=scale)
             self._options[index] = (key, opts)
             return opts
+        check_nonnegative("lr", group["lr"])
         scale = lr_scale(group["lr"], opts.lr)
         if scale != opts.lr_scale:
-            check_nonnegative("lr", group["lr"])
             opts = dataclasses.replace(opts, lr_scale=float(scale))
             self._options[index] = (key, opts)
         return opts
@@ -314,7 +335,12 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         if twin:
             state_dict = self._from_twin(state_dict)
         self._check_state_dict(state_dict)
+        # The backend is how this process runs a step, not state: the one this optimizer was
+        # built with stands (a checkpoint saved under "triton" on a GPU resumes on a CPU).
+        chosen = [group["backend"] for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, backend in zip(self.param_groups, chosen):
+            group["backend"] = backend
         # torch casts floating state to the parameter dtype; rates and state stay float32
         # for half parameters, so take every tensor again from the saved dict.
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
@@ -327,7 +353,9 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                         for k, v in saved.items()
                     }
         self.group_states = []
+        self._state_levels = []
         for group, saved in zip(self.param_groups, state_dict["group_states"]):
+            self._state_levels.append(None if saved is None else tuple(group["levels"]))
             if saved is None:
                 self.group_states.append(None)
                 continue
@@ -380,7 +408,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             layout = self._layouts[index]
             if len(saved_group["params"]) != layout.num_layers:
                 raise ValueError(f"param group {index} has a different number of parameters")
-            opts = _resolve(saved_group, self._kind)
+            opts = _resolve({**saved_group, "backend": self.param_groups[index]["backend"]}, self._kind)
             current_levels = tuple(self.param_groups[index]["levels"])
             if opts.levels != current_levels:
                 raise ValueError(

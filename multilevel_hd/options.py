@@ -1,11 +1,14 @@
 """Option validation and resolution for one param group (SPEC section 4).
 
-`validate_group` runs when a group is added, so bad input fails at construction with a
-message that names the option. `resolve` turns a group's raw options (with their `None`
-defaults) into the numbers one step uses; every backend reads only `GroupOptions`.
+`resolve` turns a group's raw options (with their `None` defaults) into the numbers one step
+uses, and raises for any bad one with a message that names it: the optimizer runs it when a
+group is added and again before a step whose options changed, so bad input fails before
+anything moves. Exception types follow torch.optim: TypeError for an option of the wrong type,
+ValueError for a bad value. Every backend reads only `GroupOptions`.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Optional
@@ -61,9 +64,26 @@ class GroupOptions:
         return self.kind == "sgd" and (self.momentum == 0 or self.nesterov)
 
 
+def _check_finite(name, value):
+    """A real number that is neither NaN nor infinite: a NaN option would make NaN rates (and
+    the backends' clamps disagree on a NaN bound)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
 def check_nonnegative(name, value):
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
+    _check_finite(name, value)
+    if value < 0:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+
+
+def _check_unit_interval(name, value):
+    """0 <= value < 1: betas, shrinkage rho."""
+    _check_finite(name, value)
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
 
 
 def lr_scale(lr, base_lr):
@@ -86,12 +106,21 @@ def _levels(group) -> tuple[str, ...]:
     return levels
 
 
+def _check_level_names(name, per_level: dict, levels) -> None:
+    """A {level: value} option names only active levels: an entry for another one would be
+    ignored without a word."""
+    unknown = [lv for lv in per_level if lv not in LEVELS]
+    if unknown:
+        raise ValueError(f"{name} names unknown level(s) {unknown}; choose from {LEVELS}")
+    inactive = [lv for lv in per_level if lv not in levels]
+    if inactive:
+        raise ValueError(f"{name} names level(s) {inactive} that are not among the group's levels {levels}")
+
+
 def _per_level(name, value, levels, default):
     """A float for all levels or a {level: float} dict -> {level: float} for `levels`."""
     if isinstance(value, dict):
-        unknown = [lv for lv in value if lv not in LEVELS]
-        if unknown:
-            raise ValueError(f"{name} names unknown level(s) {unknown}; choose from {LEVELS}")
+        _check_level_names(name, value, levels)
         out = {lv: value.get(lv, default) for lv in levels}
     else:
         out = {lv: default if value is None else value for lv in levels}
@@ -100,14 +129,9 @@ def _per_level(name, value, levels, default):
     return out
 
 
-def validate_group(group: dict, kind: str) -> None:
-    """Raise ValueError naming the bad option; `resolve` then cannot fail."""
-    resolve(group, kind)
+def resolve(group: dict, kind: str) -> GroupOptions:
     if group["backend"] not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {group['backend']!r}; choose from {BACKEND_NAMES}")
-
-
-def resolve(group: dict, kind: str) -> GroupOptions:
     levels = _levels(group)
     check_nonnegative("lr", group["lr"])
     # An LR scheduler (or a hand edit) changes group["lr"]; the rates learned at the base
@@ -136,25 +160,29 @@ def resolve(group: dict, kind: str) -> GroupOptions:
             delta = min(beta.values())
         else:  # moves the weights at the rates' relative pace; no pace to match at lr 0
             delta = min(beta.values()) / lr**2 if lr > 0 else 0.0
-    check_nonnegative("combination_lr", delta)
+    else:
+        check_nonnegative("combination_lr", delta)
 
     shrink_in = group["shrinkage"] or {}
     if not isinstance(shrink_in, dict):
-        raise ValueError(f"shrinkage must be a dict {{level: rho}} or None, got {shrink_in!r}")
+        raise TypeError(f"shrinkage must be a dict {{level: rho}} or None, got {shrink_in!r}")
+    _check_level_names("shrinkage", shrink_in, levels)
     for lv, rho in shrink_in.items():
-        if lv not in LEVELS:
-            raise ValueError(f"shrinkage names unknown level {lv!r}; choose from {LEVELS}")
-        if not isinstance(rho, numbers.Real) or not 0 <= rho < 1:
-            raise ValueError(f"shrinkage rho for {lv!r} must lie in [0, 1), got {rho!r}")
+        _check_unit_interval(f"shrinkage rho for {lv!r}", rho)
     active = [lv for lv in LEVELS if lv in levels]  # coarse to fine
     parents = {fine: coarse for coarse, fine in zip(active, active[1:])}
     shrinkage = {lv: float(rho) for lv, rho in shrink_in.items() if lv in parents and rho > 0}
 
     bounds = group["rate_bounds"]
     if bounds is not None:
+        if not isinstance(bounds, (tuple, list)):
+            raise TypeError(f"rate_bounds must be (lo, hi) or None, got {bounds!r}")
         if len(bounds) != 2:
             raise ValueError(f"rate_bounds must be (lo, hi) or None, got {bounds!r}")
         lo, hi = bounds
+        for name, bound in (("lower", lo), ("upper", hi)):
+            if bound is not None:
+                _check_finite(f"rate_bounds {name} bound", bound)
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"rate_bounds lower bound {lo} exceeds upper bound {hi}")
         bounds = (lo, hi)
@@ -174,8 +202,7 @@ def resolve(group: dict, kind: str) -> GroupOptions:
     if kind == "adam":
         beta1, beta2 = group["betas"]
         for name, b in (("betas[0]", beta1), ("betas[1]", beta2)):
-            if not isinstance(b, numbers.Real) or not 0 <= b < 1:
-                raise ValueError(f"{name} must lie in [0, 1), got {b!r}")
+            _check_unit_interval(name, b)
         check_nonnegative("eps", group["eps"])
         momentum = dampening = 0.0
         nesterov, eps, decoupled = False, group["eps"], group["decoupled_weight_decay"]

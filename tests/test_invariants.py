@@ -12,8 +12,8 @@ import multilevel_hd as mlhd
 from cases import ALL_LEVELS, OPTION_CASES, C
 from conftest import DEVICE, FAST_BACKENDS, shapes_for
 from trajectory import (TOL_F64, GradFn, Tol, assert_bitwise_equal_snapshots,
-                        assert_trajectories_close, make_params, n_units, opt_class,
-                        opt_snapshot, run_case, run_optimizer)
+                        assert_state_unchanged, assert_trajectories_close, make_params, n_units,
+                        opt_class, opt_snapshot, run_case, run_optimizer, same_bits)
 
 BACKENDS = ["reference"] + FAST_BACKENDS
 CASES = {c.name: c for c in OPTION_CASES}
@@ -103,39 +103,6 @@ def test_weights_stay_on_the_simplex(backend, name, kw, binds):
 # ------------------------------------------------------------------------------------------
 # the non-finite guard
 # ------------------------------------------------------------------------------------------
-def _tensor_leaves(obj, prefix=""):
-    """Flatten a state dict into (path, leaf) pairs."""
-    if isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            yield from _tensor_leaves(obj[k], f"{prefix}/{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensor_leaves(v, f"{prefix}[{i}]")
-    else:
-        yield prefix, obj
-
-
-def _same_leaf(a, b):
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return False
-        return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
-    return a == b
-
-
-def _assert_state_unchanged_but_skip_counter(before, after):
-    """Every leaf of the state dict bit-identical, except possibly one scalar counter that
-    grew by exactly one (the skip counter, wherever it is kept)."""
-    la, lb = list(_tensor_leaves(before)), list(_tensor_leaves(after))
-    assert [p for p, _ in la] == [p for p, _ in lb], "state dict structure changed"
-    diffs = [(p, a, b) for (p, a), (_, b) in zip(la, lb) if not _same_leaf(a, b)]
-    assert len(diffs) <= 1, f"state changed on a skipped step: {[d[0] for d in diffs]}"
-    for path, a, b in diffs:
-        fa = float(a) if not isinstance(a, torch.Tensor) else float(a.reshape(()))
-        fb = float(b) if not isinstance(b, torch.Tensor) else float(b.reshape(()))
-        assert fb == fa + 1, f"state changed on a skipped step: {path}: {a} -> {b}"
-
-
 GUARD_CONFIGS = {
     "sgd-nesterov-hd-decay": ("SGD", dict(lr=0.05, hypergrad_lr=1e-5, momentum=0.9, nesterov=True,
                                           hd_decay=0.05, final_lr=0.01, levels=ALL_LEVELS)),
@@ -171,7 +138,7 @@ def test_nonfinite_gradient_skips_the_group_step(backend, config, poison):
     # parameters, rates, weights, effective rates: bit-identical
     assert_bitwise_equal_snapshots([after], [before], label="after a skipped step")
     # every state tensor too (and t: the state dict may differ only in the skip counter)
-    _assert_state_unchanged_but_skip_counter(before_sd, copy.deepcopy(opt.state_dict()))
+    assert_state_unchanged(before_sd, copy.deepcopy(opt.state_dict()), counters_grown=1)
 
     # the next finite steps proceed as if the bad step never happened
     cont = run_optimizer(opt, gf, 4, start=bad_step + 1)
@@ -250,7 +217,7 @@ def test_param_without_grad_is_untouched(backend, cls):
         st = opt.state[p]
         assert set(st) == set(st0)
         for k in st0:
-            assert _same_leaf(st[k], st0[k]), f"state[{k!r}] of a parameter without grad changed"
+            assert same_bits(st[k], st0[k]), f"state[{k!r}] of a parameter without grad changed"
         r = opt.rates()[0]
         for lv in ("layer", "unit", "param"):
             assert torch.equal(r[lv][idx], r0[lv][idx]), f"{lv} rate of a parameter without grad changed"

@@ -1,8 +1,10 @@
 """The fast level stages against the shared torch stage `multilevel_hd.levels.update_levels`,
 called directly on the same random inputs: random unit sums and group state, plans with
-tensors without gradients and 0-d/1-D/2-D/4-D tensors, every level subset and option that
-changes the stage's math. Outputs (the group state updated in place and the coefficients
-the apply pass reads) must agree to float rounding; two calls are bit-identical.
+tensors without gradients and 0-d/1-D/2-D/4-D tensors (and a group of 1,142 layers and
+108,801 units), every level subset and option that changes the stage's math. Outputs (the
+group state updated in place and the coefficients the apply pass reads) must agree to float
+rounding; two calls are bit-identical, and so are the emulated CUDA stage's in every thread
+and block order.
 
 Stages: the triton backend's (`triton_backend.level_stage`, two launches of
 `kernels/level_stage.py`; under the Triton interpreter on the CPU, conftest sets
@@ -62,6 +64,11 @@ PLAN_ALL = (((), (3,), (2, 4), (2, 1, 2, 2)), (0, 1, 2, 3))
 PLAN_ONE = (((6, 2),), (0,))
 # 2,140 units in 1,024-unit blocks (three programs), a layer longer than one block
 PLAN_WIDE = (((1100,), (3, 2), (1030, 2), (7,)), (0, 1, 2))
+# 1,142 layers (40 empty, one of 30,000 units, every 97th without gradient) and 108,801 units:
+# several blocks in each launch of the CUDA stage, and several of the chunks in which it
+# stages the layers' sums for the group's sums
+_LARGE_SHAPES = ((97, 3),) * 800 + ((0, 4),) * 40 + ((5,),) * 200 + ((), (30000, 2)) + ((2, 1, 3, 2),) * 100
+PLAN_LARGE = (_LARGE_SHAPES, tuple(i for i in range(len(_LARGE_SHAPES)) if i % 97 != 5))
 LR = 0.01
 
 
@@ -289,6 +296,42 @@ def test_triton_many_programs(monkeypatch, t_old):
         _assert_matches(triton_backend.level_stage, job, sums)
         tables = job.plan.cached(lt_key, lambda: None)
         assert tables.grid > 1 and tables.sums_layers < tables.num_layers and tables.sums_block < tables.max_units
+
+
+def _large_case(rule, dtype):
+    opts = _options(ALL, hypergrad_rule=rule, shrinkage={"layer": 0.3, "unit": 0.3, "param": 0.4},
+                    hypergrad_lr=2e-5 if rule == "additive" else None)
+    return _inputs(opts, PLAN_LARGE, seed=19, zero_q=True, dtype=dtype)
+
+
+@pytest.mark.parametrize("rule", ["additive", "multiplicative"])
+def test_large_group(stage, rule):
+    """Thousands of layers and a hundred thousand units (the Triton interpreter takes 10 s
+    a call: test_triton_many_programs covers its programs)."""
+    if stage[0] is STAGES["triton"][0]:
+        pytest.skip("triton: too slow under the interpreter")
+    job, sums = _large_case(rule, stage[1])
+    want, _ = _assert_matches(stage[0], job, sums)
+    before = job.group_state
+    for key in ("rate_layer", "rate_unit", "weights"):  # not vacuous: they moved, and not all to a bound
+        assert not torch.allclose(want[key], before[key].cpu(), rtol=1e-4, atol=0), key
+        assert want[key].unique().numel() > want[key].numel() // 2, key
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu" or STAGES["cuda"][2] is not None,
+                    reason="the thread and block order is chosen only in the CUDA emulation")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_stage_is_bit_identical_in_every_thread_and_block_order(monkeypatch, dtype):
+    """The CUDA stage's launches have no race and no order-dependent sum."""
+    job, sums = _large_case("multiplicative", dtype)
+    runs = []
+    for order, seed in (("ascending", 0), ("descending", 0), ("random", 1)):
+        monkeypatch.setenv("MLHD_CUDA_ON_CPU_ORDER", order)
+        monkeypatch.setenv("MLHD_CUDA_ON_CPU_SEED", str(seed))
+        runs.append(_run(cuda_backend.level_stage, job, sums))
+    for run in runs[1:]:
+        for key, value in runs[0].items():
+            assert torch.equal(value, run[key]), key
 
 
 def test_two_calls_are_bit_identical(stage):

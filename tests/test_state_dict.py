@@ -67,12 +67,14 @@ def test_resume_across_backends(backend_a, backend_b, config):
     # a fresh optimizer with the other backend, on copies of the parameters at the save point
     opt_b = opt_class(cls)(at_save_point(), backend=backend_b, **kw)
     opt_b.load_state_dict(sd)
+    assert opt_b.param_groups[0]["backend"] == backend_b  # loading never changes the backend
     got = opt_b.rates()
     for a, b in zip(_flat(got[0]), _flat(rates_at_save[0])):
         torch.testing.assert_close(a.double().cpu(), b.double().cpu(), rtol=0, atol=0)
     resumed = run_optimizer(opt_b, gf, MORE, start=SAVE_AT)
     assert_trajectories_close(resumed, uninterrupted, TOL_F64,
                               label=f"{backend_a} -> {backend_b} resumed vs uninterrupted")
+    assert opt_b._backends[0].name == backend_b
     # the state really carried something: a fresh optimizer from the same point differs
     fresh = run_optimizer(opt_class(cls)(at_save_point(), backend=backend_b, **kw), gf, MORE,
                           start=SAVE_AT)
@@ -113,6 +115,31 @@ def test_resume_same_backend_float32_bit_identical(backend, config):
     opt2.load_state_dict(sd)
     resumed = run_optimizer(opt2, gf, MORE, start=SAVE_AT)
     assert_bitwise_equal_snapshots(resumed, uninterrupted, label="torch.save/load round trip")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checkpoint_saved_under_a_backend_that_cannot_run_here_resumes(backend):
+    """A checkpoint names the backend it was saved under (a GPU run's "triton", say); loading
+    it keeps this optimizer's own backend, so the run resumes where that one cannot run."""
+    cls, kw = CONFIGS["Adam"]
+    shapes = shapes_for(backend)
+    gf = GradFn(shapes)
+    ps, opt = _start(cls, kw, backend, torch.float32, shapes)
+    run_optimizer(opt, gf, 2)
+    saved_params = [p.detach().clone() for p in ps]
+    sd = copy.deepcopy(opt.state_dict())
+    uninterrupted = run_optimizer(opt, gf, 2, start=2)
+    elsewhere = "cuda" if torch.device(_device(backend)).type == "cpu" else "cpp"
+    for group in sd["param_groups"]:
+        group["backend"] = elsewhere
+
+    ps2, opt2 = _start(cls, kw, backend, torch.float32, shapes)
+    with torch.no_grad():
+        for p, q in zip(ps2, saved_params):
+            p.copy_(q)
+    opt2.load_state_dict(sd)
+    assert [g["backend"] for g in opt2.param_groups] == [backend]
+    assert_bitwise_equal_snapshots(run_optimizer(opt2, gf, 2, start=2), uninterrupted)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

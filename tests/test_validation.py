@@ -1,14 +1,17 @@
 """Bad input gets a clear exception, never a silent wrong result (SPEC 4)."""
+import copy
+
 import pytest
 import torch
 
 import multilevel_hd as mlhd
 from cases import ALL_LEVELS
 from conftest import ALL_BACKENDS, DEVICE, FAST_BACKENDS
-from trajectory import GradFn, make_params, run_optimizer
+from trajectory import GradFn, assert_state_unchanged, make_params, run_optimizer
 
 BACKENDS = ["reference"] + FAST_BACKENDS
 SGD, ADAM, ADAMW = mlhd.MultiLevelSGD, mlhd.MultiLevelAdam, mlhd.MultiLevelAdamW
+NAN, INF = float("nan"), float("inf")
 
 BAD_OPTIONS = [
     # negative lr, hypergrad_lr (float and dict), combination_lr, eps, hd_decay
@@ -42,7 +45,7 @@ BAD_OPTIONS = [
     ("beta2-big", ADAMW, dict(betas=(0.9, 1.5))),
     # nesterov without momentum
     ("nesterov", SGD, dict(nesterov=True)),
-    ("nesterov-zero", SGD, dict(nesterov=True, momentum=0.0)),
+    ("nesterov-zero", SGD, dict(momentum=0.0, nesterov=True)),
     # shrinkage rho outside [0, 1)
     ("rho-neg", SGD, dict(levels=ALL_LEVELS, shrinkage={"param": -0.1})),
     ("rho-1", ADAM, dict(levels=ALL_LEVELS, shrinkage={"unit": 1.0})),
@@ -62,9 +65,50 @@ BAD_OPTIONS = [
     ("iw-negative-adam", ADAM, dict(levels=ALL_LEVELS, init_weights=(1, 1, -1, 1))),
     ("iw-zero-sum", SGD, dict(init_weights=(0.0, 0.0))),
     ("iw-zero-sum-adam", ADAMW, dict(levels=("layer", "param", "unit"), init_weights=(0, 0, 0))),
+    # NaN or infinite options (a NaN rate bound: NaN rates on some backends, no bound on others)
+    ("lr-inf", SGD, dict(lr=INF)),
+    ("lr-nan", ADAM, dict(lr=NAN)),
+    ("beta-inf", SGD, dict(hypergrad_lr=INF)),
+    ("beta-dict-nan", ADAM, dict(hypergrad_lr={"global": 1e-8, "unit": NAN})),
+    ("combination-lr-inf", SGD, dict(combination_lr=INF)),
+    ("iw-inf", SGD, dict(init_weights=(INF, 1.0))),
+    ("iw-nan", ADAM, dict(init_weights=(NAN, 1.0))),
+    ("bounds-nan", SGD, dict(rate_bounds=(NAN, None))),
+    ("bounds-inf", ADAM, dict(rate_bounds=(0.0, INF))),
+    ("eps-inf", ADAM, dict(eps=INF)),
+    ("betas-nan", ADAMW, dict(betas=(0.9, NAN))),
+    ("weight-decay-inf", ADAMW, dict(weight_decay=INF)),
+    ("hd-decay-inf", SGD, dict(hd_decay=INF)),
+    ("final-lr-nan", SGD, dict(final_lr=NAN)),
+    ("momentum-inf", SGD, dict(momentum=INF)),
+    ("dampening-nan", SGD, dict(momentum=0.9, dampening=NAN)),
+    ("rho-nan", ADAM, dict(levels=ALL_LEVELS, shrinkage={"unit": NAN})),
+    # per-level entries for a level that is not active (they would be ignored without a word)
+    ("beta-dict-inactive", SGD, dict(hypergrad_lr={"global": 1e-6, "param": 1e-6})),
+    ("shrinkage-inactive", ADAM, dict(shrinkage={"param": 0.1})),
+    ("shrinkage-inactive-layer", SGD, dict(levels=("global", "unit", "param"), shrinkage={"layer": 0.1})),
     # unknown backend name
     ("backend-unknown", SGD, dict(backend="numpy")),
     ("backend-unknown-adam", ADAM, dict(backend="Torch")),
+]
+
+# options of the wrong type: TypeError at construction, as torch.optim's comparisons raise
+BAD_TYPES = [
+    ("bounds-string", SGD, dict(rate_bounds=("a", None))),
+    ("bounds-number", ADAM, dict(rate_bounds=0.1)),
+    ("lr-string", SGD, dict(lr="0.1")),
+    ("beta-string", SGD, dict(hypergrad_lr="1e-6")),
+    ("beta-dict-string", ADAM, dict(hypergrad_lr={"global": "1e-8"})),
+    ("combination-lr-string", SGD, dict(combination_lr="0.01")),
+    ("iw-string", SGD, dict(init_weights=("0.8", 0.2))),
+    ("betas-string", ADAM, dict(betas=("0.9", 0.999))),
+    ("eps-none", ADAMW, dict(eps=None)),
+    ("momentum-string", SGD, dict(momentum="0.9")),
+    ("weight-decay-list", ADAM, dict(weight_decay=[0.1])),
+    ("hd-decay-string", SGD, dict(hd_decay="0.1")),
+    ("final-lr-string", ADAM, dict(final_lr="0.01")),
+    ("shrinkage-list", SGD, dict(levels=ALL_LEVELS, shrinkage=[("param", 0.1)])),
+    ("rho-string", ADAM, dict(levels=ALL_LEVELS, shrinkage={"param": "0.1"})),
 ]
 
 
@@ -74,6 +118,12 @@ def test_bad_option_raises_value_error(name, cls, kw):
     kw.setdefault("backend", "reference")
     with pytest.raises(ValueError):
         cls(make_params(torch.float32), **kw)
+
+
+@pytest.mark.parametrize("name,cls,kw", BAD_TYPES, ids=[b[0] for b in BAD_TYPES])
+def test_bad_option_type_raises_type_error(name, cls, kw):
+    with pytest.raises(TypeError):
+        cls(make_params(torch.float32), backend="reference", **kw)
 
 
 @pytest.mark.parametrize("name,cls,kw", [b for b in BAD_OPTIONS if "backend" not in b[2]],
@@ -94,6 +144,33 @@ def test_bad_option_in_param_group_raises(name, cls, kw):
     opt = cls(ps[:3], backend="reference")
     with pytest.raises(ValueError):
         opt.add_param_group(dict(params=ps[3:], **kw))
+
+
+@pytest.mark.parametrize("name,cls,kw", BAD_OPTIONS + BAD_TYPES, ids=[b[0] for b in BAD_OPTIONS + BAD_TYPES])
+def test_bad_option_changes_nothing(name, cls, kw):
+    """A bad option raises where it enters, at add_param_group or set on a group between
+    steps, before anything changes: the same groups, the same state, the same parameters.
+    (The last option of a case is the bad one; those before it are its context.)"""
+    ps = make_params(torch.float32)
+    gf = GradFn()
+    *context, (key, value) = kw.items()
+    opt = cls([dict(params=ps[:3])], backend="reference", **dict(context))
+    run_optimizer(opt, gf, 2)
+    before = copy.deepcopy((opt.state_dict(), ps))
+
+    with pytest.raises((ValueError, TypeError)):
+        opt.add_param_group(dict(params=ps[3:], **kw))
+    assert len(opt.param_groups) == 1
+    assert_state_unchanged(before, (opt.state_dict(), ps))
+
+    group = opt.param_groups[0]
+    good, group[key] = group[key], value
+    for i, p in enumerate(ps):
+        p.grad = gf.grad(2, i, p)
+    with pytest.raises((ValueError, TypeError)):
+        opt.step()
+    group[key] = good
+    assert_state_unchanged(before, (opt.state_dict(), ps))
 
 
 def test_good_edge_values_accepted():

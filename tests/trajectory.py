@@ -593,6 +593,42 @@ def assert_bitwise_equal_snapshots(ta, tb, label=""):
         assert_snapshot_close(a, b, Tol(0.0, 0.0, 0.0, 0.0), where=f"{label} step {s}")
 
 
+def same_bits(a, b) -> bool:
+    """Bit-identical leaves: tensors of one dtype and shape with the same bytes (so -0.0 is
+    not 0.0, and a NaN equals itself), other values equal."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    as_bytes = [t.detach().cpu().reshape(-1).view(torch.uint8) for t in (a, b)]
+    return torch.equal(*as_bytes)
+
+
+def state_leaves(obj, prefix=""):
+    """A state dict (or a list of parameters) flattened into (path, leaf) pairs."""
+    if isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from state_leaves(obj[k], f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from state_leaves(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, obj
+
+
+def assert_state_unchanged(before, after, counters_grown=0):
+    """Every leaf bit-identical, except at most `counters_grown` scalar counters that grew by
+    exactly one (a skip counter, wherever a backend keeps it)."""
+    la, lb = list(state_leaves(before)), list(state_leaves(after))
+    assert [p for p, _ in la] == [p for p, _ in lb], "state dict structure changed"
+    diffs = [(p, a, b) for (p, a), (_, b) in zip(la, lb) if not same_bits(a, b)]
+    assert len(diffs) <= counters_grown, f"state changed: {[d[0] for d in diffs]}"
+    for path, a, b in diffs:
+        fa = float(a) if not isinstance(a, torch.Tensor) else float(a.reshape(()))
+        fb = float(b) if not isinstance(b, torch.Tensor) else float(b.reshape(()))
+        assert fb == fa + 1, f"state changed: {path}: {a} -> {b}"
+
+
 def max_rel_change(rates0, rates1, level, group=0):
     """Largest |r1 - r0| / |r0| over the rates of ``level`` (a measure that they moved)."""
     r0 = rates0[group][level]

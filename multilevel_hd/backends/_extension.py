@@ -119,8 +119,10 @@ def _build_dir(flavour: str, cflags: list[str]) -> str:
 
 
 def _sources_hash(flavour: str, cflags: list[str]) -> str:
-    """A short digest of the C++/CUDA sources (headers included) and the build flags."""
-    digest = hashlib.sha256(repr((cflags, _csrc.NVCC_FLAGS, _csrc.LD_FLAGS, flavour)).encode())
+    """A short digest of the C++/CUDA sources (headers included), where they are and the build
+    flags. (Where: ninja's build file names the sources by path, so two checkouts of the same
+    sources sharing one folder would rebuild it for each other at every load.)"""
+    digest = hashlib.sha256(repr((cflags, _csrc.NVCC_FLAGS, _csrc.LD_FLAGS, flavour, _csrc.CSRC)).encode())
     for path in sorted(glob.glob(os.path.join(_csrc.CSRC, "**", "*"), recursive=True)):
         if os.path.isfile(path):
             digest.update(os.path.relpath(path, _csrc.CSRC).encode() + b"\0")

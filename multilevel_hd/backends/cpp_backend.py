@@ -135,7 +135,7 @@ def level_stage(job: GroupJob, sums: UnitSums, ops=torch.ops.multilevel_hd) -> S
     coef = torch.empty(_COEF_SCALARS + 2 * units, dtype=acc, device=device)
     ops.levels(
         sums.s, sums.qg, sums.qu, sums.param_dot if param_sums else None, sums.param_sq if param_sums else None,
-        sums.finite if opts.skip_nonfinite else None, found_inf, lr_scale, plan.units_per_layer(device),
+        sums.finite if opts.skip_nonfinite else None, found_inf, lr_scale, plan.first_units(device),
         plan.size_scale("unit", device, acc), plan.size_scale("layer", device, acc), plan.unit_mask(device, acc),
         plan.layer_mask(device, acc), gs["step"], gs["skipped"], gs["lr_scale"], gs["weights"],
         gs.get("rate_global"), gs.get("rate_layer"), gs.get("rate_unit"), gs["applied_scale"], gs["applied_offset"],

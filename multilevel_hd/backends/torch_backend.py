@@ -10,12 +10,12 @@ is an in-place or fused one (lerp_, addcmul_, out=) beat a torch._foreach_* chai
 CPU, because the foreach chain materialises a list of full-size temporaries per
 operation; the few temporaries left live in reusable scratch buffers, because PyTorch's
 CPU allocator does not cache and a fresh multi-megabyte buffer costs page faults. Nothing reads a tensor value on the host: the non-finite guard and "t >= 2"
-are 0/1 device tensors that gate every update (a state update becomes
-`lerp(old, new, gate)`, the parameter update is scaled by the gate), so a skipped step
-leaves every tensor as it was without a host synchronisation. The guard's flag comes
-from each gradient's max and min (cheap vectorised reads; a product or sum would also
-flag finite values that overflow). Half-precision parameters are updated through
-float32 copies.
+are 0-d device flags, and every tensor a step changes is stored through a select
+(`torch.where(proceeds, new, old)`), so a skipped step leaves every tensor bit-identical
+without a host synchronisation, whatever the gradients hold (a gate multiplied in would
+not: `0 * inf` is NaN once g * g overflows). The guard's flag comes from each gradient's
+max and min (cheap vectorised reads; a product or sum would also flag finite values that
+overflow). Half-precision parameters are updated through float32 copies.
 
 Under torch.compile the whole step is traced into one graph (tests/test_compile.py):
 nothing here reads a tensor on the host or imports anything, the plan's tables are made
@@ -71,21 +71,15 @@ def step(job: GroupJob) -> None:
         sums.finite = torch.stack(extremes).isfinite().all()
 
     coeffs = update_levels(job, sums)
+    proceeds, rates_move = coeffs.gate > 0, coeffs.hd_gate > 0
 
     for p, grad, st, lay in zip(job.params, job.grads, job.states, layouts):
         g = _effective_grad(p, grad, job)
-        if opts.skip_nonfinite or job.found_inf is not None:  # the gated arithmetic below stays finite
-            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=_scratch("g", g))
         kappa = unit_view(coeffs.kappa_units, lay, p).to(g.dtype)
         if "param" in opts.levels:
-            rate = _update_param_rate(g, st, lay, p, opts, coeffs)
+            rate = _update_param_rate(g, st, lay, p, opts, coeffs, rates_move)
             kappa = torch.addcmul(kappa, rate, coeffs.param_kappa.to(g.dtype), out=_scratch("h", g))
-        p_math = p if p.dtype == g.dtype else _scratch("p", g).copy_(p)
-        if opts.decoupled_weight_decay and opts.weight_decay > 0:
-            p_math.addcmul_(p_math, kappa, value=-opts.weight_decay)
-        _step_direction(p_math, g, st, opts, coeffs.gate.to(g.dtype), kappa, "param" in opts.levels)
-        if p_math is not p:
-            p.copy_(p_math)
+        _step_direction(p, g, st, opts, proceeds, kappa, "param" in opts.levels)
 
 
 class _Scratch:
@@ -139,55 +133,72 @@ def _effective_grad(p, grad, job: GroupJob) -> torch.Tensor:
     return g
 
 
-def _adam_direction(st: dict, opts: GroupOptions):
-    """Adam's u = x * scale: x = m / (sqrt(v) / sqrt(1 - b2^s) + eps) (amsgrad: vmax for v), scale = 1 / (1 - b1^s),
-    s = max(step, 1) (a parameter that never stepped has m = v = 0, hence u = 0). The
-    per-tensor scale is left to the caller, who applies it to something smaller than x."""
-    m = st["exp_avg"]
-    s = st["step"].to(m.dtype).clamp(min=1)
-    x = torch.sqrt(st["max_exp_avg_sq" if opts.amsgrad else "exp_avg_sq"], out=_scratch("x", m))
+def _adam_direction(m, v, step, opts: GroupOptions):
+    """Adam's u = x * scale: x = m / (sqrt(v) / sqrt(1 - b2^s) + eps) (amsgrad: v is vmax),
+    scale = 1 / (1 - b1^s), s = max(step, 1) (a parameter that never stepped has m = v = 0,
+    hence u = 0). The per-tensor scale is left to the caller, who applies it to something
+    smaller than x. The bias corrections are taken in float64, as torch.optim.Adam takes them
+    on the host: in float32, 1 - 0.999**s is off by 1.3e-5 (0.999 itself rounds)."""
+    s = step.to(torch.float64).clamp(min=1)
+    x = torch.sqrt(v, out=_scratch("x", m))
     torch.addcmul(torch.full((), opts.eps, dtype=m.dtype, device=m.device), x,
-                  (1 - opts.beta2**s).rsqrt(), out=x)
-    return torch.div(m, x, out=x), 1 / (1 - opts.beta1**s)
+                  (1 - opts.beta2**s).rsqrt().to(m.dtype), out=x)
+    return torch.div(m, x, out=x), (1 / (1 - opts.beta1**s)).to(m.dtype)
 
 
 def _previous_direction(st: dict, opts: GroupOptions):
     """u_prev as (x, scale) with u_prev = x * scale; scale None means 1."""
     if opts.kind == "adam":
-        return _adam_direction(st, opts)
+        return _adam_direction(st["exp_avg"], st["max_exp_avg_sq" if opts.amsgrad else "exp_avg_sq"], st["step"], opts)
     return st["prev_direction" if opts.stores_direction else "momentum_buffer"], None
 
 
-def _step_direction(p, g, st: dict, opts: GroupOptions, gate, kappa, kappa_is_scratch: bool) -> None:
-    """Advance the base state by this step's g and apply p -= kappa * u, all gated.
-    A full-size kappa lives in scratch and may be scaled in place; a per-unit one is a
-    view of the level stage's array and must not be."""
+def _step_direction(p, g, st: dict, opts: GroupOptions, proceeds, kappa, kappa_is_scratch: bool) -> None:
+    """This step's base direction u, the new base state and p - kappa * u (after decoupled
+    decay), each computed into scratch and stored where the step `proceeds` (a 0-d bool):
+    a skipped step selects every old value back. A full-size kappa lives in scratch and
+    may be scaled in place; a per-unit one is a view of the level stage's array and must
+    not be."""
+    p_old = p if p.dtype == g.dtype else _scratch("param", g).copy_(p)
+    p_new = p_old
+    if opts.decoupled_weight_decay and opts.weight_decay > 0:
+        p_new = torch.addcmul(p_old, p_old, kappa, value=-opts.weight_decay, out=_scratch("new_param", g))
+    step = st["step"] + 1
+    new_state = {}
     if opts.kind == "adam":
-        st["exp_avg"].lerp_(g, (1 - opts.beta1) * gate)
-        st["exp_avg_sq"].lerp_(torch.mul(g, g, out=_scratch("x", g)), (1 - opts.beta2) * gate)
-        if opts.amsgrad:  # vmax >= v always, so a skipped step (v unchanged) leaves it as it is
-            torch.maximum(st["max_exp_avg_sq"], st["exp_avg_sq"], out=st["max_exp_avg_sq"])
-        st["step"].add_(gate.float())
-        u, scale = _adam_direction(st, opts)
+        m = torch.lerp(st["exp_avg"], g, 1 - opts.beta1, out=_scratch("exp_avg", g))
+        v = torch.mul(g, g, out=_scratch("exp_avg_sq", g))
+        v = torch.lerp(st["exp_avg_sq"], v, 1 - opts.beta2, out=v)
+        new_state.update(exp_avg=m, exp_avg_sq=v)
+        if opts.amsgrad:  # the maximum of the raw v, after this step's update (torch.optim.Adam)
+            v = new_state["max_exp_avg_sq"] = torch.maximum(st["max_exp_avg_sq"], v, out=_scratch("max_exp_avg_sq", g))
+        u, scale = _adam_direction(m, v, step, opts)
         kappa = kappa.mul_(scale) if kappa_is_scratch else kappa * scale
     else:
         u = g
         if opts.momentum != 0:
-            buf = st["momentum_buffer"]
-            # The first step sets buf = g: buf is still zero then, so only g's factor changes.
+            # buf = g at the parameter's first step: buf is still zero then, so only g's factor changes
             first = (st["step"] == 0).to(g.dtype)
-            buf.mul_(1 - (1 - opts.momentum) * gate)
-            buf.addcmul_(g, (1 - opts.dampening * (1 - first)) * gate)
+            buf = torch.mul(st["momentum_buffer"], opts.momentum, out=_scratch("momentum_buffer", g))
+            buf.addcmul_(g, 1 - opts.dampening * (1 - first))
+            new_state["momentum_buffer"] = buf
             u = torch.add(g, buf, alpha=opts.momentum, out=_scratch("x", g)) if opts.nesterov else buf
         if opts.stores_direction:
-            st["prev_direction"].lerp_(u, gate)
-        st["step"].add_(gate.float())
-    p.addcmul_(u, kappa, value=-1)  # kappa is zero when the step is skipped
+            new_state["prev_direction"] = u
+    p_new = torch.addcmul(p_new, u, kappa, value=-1, out=_scratch("new_param", g))
+    for key, new in new_state.items():
+        torch.where(proceeds, new, st[key], out=st[key])
+    torch.where(proceeds, step, st["step"], out=st["step"])
+    torch.where(proceeds, p_new, p_old, out=p_old)
+    if p_old is not p:  # half precision: p_old is p in float32, exactly p where the step is skipped
+        p.copy_(p_old)
 
 
-def _update_param_rate(g, st: dict, lay, p, opts: GroupOptions, coeffs: StepCoefficients) -> torch.Tensor:
-    """The param level's HD update, shrinkage and clamp for one tensor, gated by hd_gate;
-    runs before the base state moves, so u_prev is still the previous direction."""
+def _update_param_rate(g, st: dict, lay, p, opts: GroupOptions, coeffs: StepCoefficients,
+                       rates_move) -> torch.Tensor:
+    """The param level's HD update, shrinkage and clamp for one tensor, stored where
+    `rates_move` (a 0-d bool: the step proceeds and t >= 2); runs before the base state
+    moves, so u_prev is still the previous direction."""
     rate = st["param_rate"]
     x, scale = _previous_direction(st, opts)
     new = torch.mul(g, x, out=_scratch("h", g))  # h = g * u_prev, then the new rate in place
@@ -204,4 +215,4 @@ def _update_param_rate(g, st: dict, lay, p, opts: GroupOptions, coeffs: StepCoef
         new.lerp_(parent.to(rate.dtype).expand_as(new), opts.shrinkage["param"])
     if opts.rate_bounds is not None and opts.rate_bounds != (None, None):
         new.clamp_(*opts.rate_bounds)
-    return rate.lerp_(new, coeffs.hd_gate.to(rate.dtype))
+    return torch.where(rates_move, new, rate, out=rate)

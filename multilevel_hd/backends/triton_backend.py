@@ -102,7 +102,8 @@ def _block(n: int) -> int:
 
 
 class _LevelTables:
-    """The level stage's per-plan tables (uploaded once per plan) and its scratch buffer."""
+    """The level stage's per-plan tables (uploaded once per plan) and its scratch buffer,
+    reused by every step: steps on two streams must be ordered (see triton_tables)."""
 
     def __init__(self, plan, device):
         layers, f32 = plan.layout.tensors, torch.float32
@@ -262,7 +263,7 @@ def _apply(job: GroupJob, tables, coeffs: StepCoefficients) -> int:
             parent_stride,
             opts.weight_decay, opts.beta1, opts.beta2, _log(opts.beta1), _log(opts.beta2), opts.eps,
             opts.momentum, opts.dampening, opts.shrinkage.get("param", 0.0),
-            0.0 if lo is None else lo, 0.0 if hi is None else hi,
+            0.0 if lo is None else float(lo), 0.0 if hi is None else float(hi),  # float32, also for ints
             **_common_switches(job, tables, bucket),
             AMSGRAD=opts.amsgrad, MOMENTUM=opts.momentum != 0, NESTEROV=opts.nesterov,
             DECOUPLED_WD=opts.decoupled_weight_decay and opts.weight_decay > 0,

@@ -4,14 +4,18 @@ Static tables (from the plan's layout): per tensor its sizes and where its sums 
 (`meta`), the reduction and step chunk lists (one program per chunk, grouped in one
 bucket per parameter dtype), the units of long rows that the finishing launch adds up,
 and the buffers the kernels write (sums, partials, flags). They change only with the
-plan, or when a parameter's dtype changes.
+plan, or when a parameter's dtype changes. Every step of a group reuses them, so its
+steps must be ordered on the device, as its parameters and state need anyway: a step on
+another stream must wait for the last one (`Stream.wait_stream`). Keying them by stream
+would not help, since two unordered steps race on the parameters themselves.
 
 Pointer table: int64 [NUM_ROLES, n_tensors], one row per role (param, grad, states). A
 row is checked and re-uploaded only when its tensors changed since the last step (their
 addresses; for gradients also layout and dtype): with `zero_grad(set_to_none=True)` that
 is the gradient row every step, a tuple comparison otherwise. On CUDA the upload is a
 non-blocking copy from pinned memory (the caching host allocator keeps the buffer alive
-until the copy has run), so a step never waits for the device.
+until the copy has run), so a step never waits for the device. Such a copy must not be
+captured in a CUDA graph (see `_refuse_capture`).
 """
 from __future__ import annotations
 
@@ -129,6 +133,7 @@ class GroupTables:
     """Everything the kernels of one group's step read besides the tensors themselves."""
 
     def __init__(self, plan: StepPlan, device: torch.device):
+        _refuse_capture(device, "the group's first step")
         self.device = device
         self.layouts: list[TensorLayout] = plan.active_layouts
         self.n = len(self.layouts)
@@ -201,16 +206,18 @@ class GroupTables:
         return None
 
     def _upload(self, role: int, addresses: list) -> None:
+        _refuse_capture(self.device, f"new {_ROLE_NAMES[role]} tensors")
         host = torch.tensor(addresses, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         self.pointers[role].copy_(host, non_blocking=True)
         self._aligned[role] = not any(a & 15 for a in addresses)
 
     def _build_layout(self, signature: tuple) -> None:
         """The metadata table and the chunk tables, one bucket per (dtype, strided)."""
+        _refuse_capture(self.device, "a change of the parameters' dtypes or layouts")
         self.signature = signature
         rows = zip(self.layouts, self.pieces, self.slots, signature)
         meta = [
-            (t.numel, t.row_len, t.unit_offset, count, length, slot, stride)
+            (t.numel, t.row_len, t.unit_offset, count, length, slot, stride, t.units)
             for t, (_, count, length), slot, (_, stride) in rows
         ]
         self.meta = torch.tensor(meta, dtype=torch.int64).to(self.device)
@@ -222,8 +229,9 @@ class GroupTables:
                 if kinds[i] != kind:
                     continue
                 rows = reduce.TILE.value // _TILE_COLUMNS[cls]
-                firsts = torch.arange(0, t.units * count, rows)
-                reduce_cols.append(torch.stack([torch.full_like(firsts, i), firsts, torch.full_like(firsts, cls)]))
+                firsts = torch.arange(0, t.units * count, rows)  # each tile's first piece
+                reduce_cols.append(torch.stack(
+                    [torch.full_like(firsts, i), firsts // count, firsts % count, torch.full_like(firsts, cls)]))
                 starts = torch.arange(0, t.numel, step.BLOCK.value)
                 step_cols.append(torch.stack([torch.full_like(starts, i), starts]))
             reduce_chunks = torch.cat(reduce_cols, 1).to(self.device)
@@ -231,6 +239,31 @@ class GroupTables:
             chunk_base += bucket.n_reduce
             self.buckets.append(bucket)
         self.partials = torch.zeros(3, chunk_base, dtype=torch.float32, device=self.device)
+
+
+_ROLE_NAMES = {ROLE_PARAM: "parameter", ROLE_GRAD: "gradient", ROLE_STATE1: "optimizer state",
+               ROLE_STATE2: "optimizer state", ROLE_RATE: "param_rate", ROLE_STEP: "step count",
+               ROLE_STATE3: "optimizer state"}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _refuse_capture(device: torch.device, cause: str) -> None:
+    """Table uploads (a fresh host buffer copied without blocking) cannot be captured in a
+    CUDA graph: every replay would copy from that buffer after it was freed and reused.
+    Raise a clear error instead: a captured step must see the tensors of the last eager
+    step (a tuple comparison finds that nothing needs uploading)."""
+    if _capturing(device):
+        raise RuntimeError(
+            f"multilevel_hd triton backend: {cause} inside a CUDA graph capture; the step would "
+            "capture an upload of its pointer table from host memory that is reused after the "
+            "capture. Capture whole iterations only after eager warm-up steps, with gradients "
+            "that keep their memory: call opt.zero_grad(set_to_none=False) (not "
+            "set_to_none=True) so that backward accumulates into the same .grad tensors, or "
+            "assign static gradient tensors."
+        )
 
 
 def _key(role: int, tensors) -> tuple:
@@ -247,7 +280,13 @@ def _check_like(tensors, params, role: int):
         ok = all(s.dtype == torch.float32 and s.dim() == 0 for s in tensors)
         return None if ok else "a parameter's step count is not a float32 scalar"
     if role == ROLE_GRAD:  # (torch lets a parameter's grad_dtype differ from its dtype)
-        ok = all(g.stride() == p.stride() and g.dtype == p.dtype for g, p in zip(tensors, params))
+        ok = all(_same_layout(g, p) and g.dtype == p.dtype for g, p in zip(tensors, params))
     else:
-        ok = all(x.stride() == p.stride() and x.dtype == torch.float32 for x, p in zip(tensors, params))
+        ok = all(_same_layout(x, p) and x.dtype == torch.float32 for x, p in zip(tensors, params))
     return None if ok else "a gradient or state tensor differs from its parameter in layout or dtype"
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Every element at the same offset: the strides of size-1 dimensions do not matter
+    (autograd may give such a gradient other strides there); csrc/ops.cpp's same_layout."""
+    return a.shape == b.shape and all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
