@@ -53,8 +53,11 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         self._options: list = []  # per group: (option key, GroupOptions) of the last step
         self._backends: list = []  # per group: the backend module of the last step
         self._state_levels: list = []  # per group: the levels its state was made for (None: no state yet)
-        # what `_option_key` compares: every option but lr, and the scheduler's base lr
-        self._option_names = tuple(k for k in defaults if k != "lr") + ("initial_lr",)
+        # what `_option_key` compares: every option but lr, and the scheduler's base lr. Not
+        # torch.optim's implementation flags: no step option depends on them (the backend is
+        # resolved afresh at each step), and Dynamo's traced view of the groups sets
+        # "capturable" to True, which would make a compiled step re-resolve the options.
+        self._option_names = tuple(k for k in defaults if k not in ("lr", *_IMPLEMENTATION_FLAGS)) + ("initial_lr",)
         self.sharding_group = sharding_group
         super().__init__(params, defaults)
 
@@ -451,6 +454,9 @@ def _lr_scale_tensor(lr, base: float, device, dtype) -> torch.Tensor:
             lr = lr.to(device=device, dtype=torch.float64, non_blocking=True)
         scale = scale * lr / base
     return scale.to(dtype)
+
+
+_IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def _backend_name(group: dict, device) -> str:
