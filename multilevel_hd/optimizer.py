@@ -169,7 +169,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         if any(self.state.get(params[j]) and set(self.state[params[j]]) != keys for j in active):
             raise ValueError(
                 f"the state of param group {index} does not fit its options: momentum cannot become or "
-                "stop being 0, nor nesterov change, after a parameter's first step"
+                "stop being 0, nor nesterov or amsgrad change, after a parameter's first step"
             )
         if check_only:
             return active

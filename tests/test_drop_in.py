@@ -378,3 +378,23 @@ def test_state_dict_of_another_torch_optim_optimizer_raises(cls, twin_cls):
     opt = cls(_params())
     with pytest.raises(ValueError, match="state dict is from a"):
         opt.load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_amsgrad_cannot_change_after_the_first_step(backend):
+    """The state has no vmax to continue from (or one that would go stale): turning amsgrad on
+    or off after a parameter's first step raises and leaves everything as it was."""
+    shapes = shapes_for(backend)
+    for first, then in ((False, True), (True, False)):
+        ps = make_params(shapes=shapes)
+        opt = mlhd.MultiLevelAdam(ps, lr=0.01, amsgrad=first, backend=backend)
+        run_optimizer(opt, GradFn(shapes), 2)
+        before = copy.deepcopy((opt.state_dict(), ps))
+        opt.param_groups[0]["amsgrad"] = then
+        with pytest.raises(ValueError, match="amsgrad"):
+            opt.step()
+        opt.param_groups[0]["amsgrad"] = first
+        after = (opt.state_dict(), ps)
+        assert all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
+        assert all(torch.equal(before[0]["state"][k][n], after[0]["state"][k][n])
+                   for k in before[0]["state"] for n in before[0]["state"][k])
