@@ -518,6 +518,9 @@ class MultiLevelSGD(_MultiLevelOptimizer):
                  combination_lr=None, shrinkage=None, rate_bounds=(0.0, None), hd_decay=0.0,
                  final_lr=None, skip_nonfinite=True, backend="auto", sharding_group=None,
                  foreach=None, fused=None, differentiable=False):
+        if not isinstance(nesterov, bool):  # torch.optim.SGD's fifth positional is weight_decay
+            raise TypeError(f"nesterov must be True or False, got {nesterov!r} (pass weight_decay by keyword: "
+                            "it comes after nesterov here, before it in torch.optim.SGD)")
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
             weight_decay=weight_decay, maximize=maximize, levels=levels,

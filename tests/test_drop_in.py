@@ -50,10 +50,14 @@ def test_every_keyword_of_the_twin_is_accepted(cls):
 
 @pytest.mark.parametrize("cls", list(TWINS), ids=lambda c: c.__name__)
 def test_positional_arguments_as_the_twin(cls):
-    """torch.optim.Adam/AdamW take amsgrad sixth; SGD's first four are the twin's."""
+    """torch.optim.Adam/AdamW take amsgrad sixth; SGD's first four are the twin's, and its fifth
+    (weight_decay in the twin, nesterov here) cannot be silently misread."""
     if cls is mlhd.MultiLevelSGD:
         opt = cls(_params(), 0.05, 0.9, 0.1)
         assert [opt.defaults[k] for k in ("lr", "momentum", "dampening")] == [0.05, 0.9, 0.1]
+        # SPEC's fifth is nesterov, the twin's weight_decay: a number there is not taken for True
+        with pytest.raises(TypeError, match="weight_decay by keyword"):
+            cls(_params(), 0.05, 0.9, 0.0, 1e-4)
     else:
         opt = cls(_params(), 0.01, (0.8, 0.9), 1e-6, 0.2, True)
         assert [opt.defaults[k] for k in ("lr", "betas", "eps", "weight_decay", "amsgrad")] == [
