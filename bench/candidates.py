@@ -46,11 +46,15 @@ MLHD_ADAM_3 = Config(  # the paper's 3-level feed-forward setting, the one with 
 MLHD_SGDN = Config(
     "mlhd-sgdn", "MultiLevelSGD nesterov [global+unit]", "sgd", _SGDN, ("global", "unit"),
 )
+MLHD_AMSGRAD = Config(  # a third state tensor, vmax, read by both passes
+    "mlhd-amsgrad", "MultiLevelAdam amsgrad [global+unit]", "adam", {**_ADAM, "amsgrad": True}, ("global", "unit"),
+)
 ADAM = Config("adam", "Adam", "adam", _ADAM)
 SGDN = Config("sgdn", "SGD nesterov", "sgd", _SGDN)
-CONFIGS = (MLHD_ADAM, MLHD_ADAM_3, MLHD_SGDN, ADAM, SGDN)
+AMSGRAD = Config("amsgrad", "Adam amsgrad", "adam", {**_ADAM, "amsgrad": True})
+CONFIGS = (MLHD_ADAM, MLHD_ADAM_3, MLHD_SGDN, MLHD_AMSGRAD, ADAM, SGDN, AMSGRAD)
 # torch.optim rows are compared with the multilevel_hd configuration on the same base optimizer.
-_MLHD_COUNTERPART = {ADAM.key: MLHD_ADAM, SGDN.key: MLHD_SGDN}
+_MLHD_COUNTERPART = {ADAM.key: MLHD_ADAM, SGDN.key: MLHD_SGDN, AMSGRAD.key: MLHD_AMSGRAD}
 
 
 @functools.cache

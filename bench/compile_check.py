@@ -29,7 +29,8 @@ ALL_LEVELS = ("global", "layer", "unit", "param")
 # (optimizer class name, kwargs): every kernel switch takes both values somewhere.
 CONFIGS = [
     ("Adam", {}),
-    ("Adam", dict(levels=ALL_LEVELS, hypergrad_rule="multiplicative", weight_decay=0.1, maximize=True)),
+    ("Adam", dict(levels=ALL_LEVELS, hypergrad_rule="multiplicative", weight_decay=0.1, maximize=True,
+                  amsgrad=True)),
     ("AdamW", dict(levels=("layer", "param"), shrinkage={"param": 0.3}, rate_bounds=(0.0, 1.0))),
     ("AdamW", dict(levels=("global", "param"), shrinkage={"param": 0.3}, rate_bounds=None)),
     ("Adam", dict(levels=("param",), skip_nonfinite=False)),

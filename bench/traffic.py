@@ -10,6 +10,7 @@ torch.optim (one pass): read g and p, write p, plus the direction's state:
     SGD, no momentum          3s   (12 B/elem in float32)
     SGD, momentum / nesterov  5s   (read and write `buf`: 20 B/elem)
     Adam / AdamW              7s   (read and write m and v: 28 B/elem)
+    Adam, amsgrad             9s   (and vmax: 36 B/elem)
 
 multilevel_hd (SPEC section 2) needs two passes over the elements, because every coarse rate
 (and the non-finite guard) depends on a sum over the whole group before any element may step:
@@ -23,7 +24,8 @@ multilevel_hd (SPEC section 2) needs two passes over the elements, because every
    recomputed from u_prev's inputs or else stored by the reduction (2r), whichever is cheaper.
 
 What u_prev is computed from, per base optimizer (SPEC section 3):
-    Adam          m and v before this step's update (already read by the step pass)
+    Adam          m and v before this step's update (already read by the step pass);
+                  with amsgrad m and vmax
     SGD momentum  buf before this step's update (already read)
     SGD, mu = 0   u_prev = the previous g, which nobody keeps: the step pass writes a copy
     SGD nesterov  u_prev = g_prev + mu * buf_prev; g_prev is lost, so the step pass writes u
@@ -47,6 +49,8 @@ from .shapes import Shape, numel, units
 def _direction_state(family: str, opts: dict, hyper: bool):
     """(state the step pass reads, state it writes, state u_prev is computed from)."""
     if family == "adam":
+        if opts.get("amsgrad", False):
+            return {"m", "v", "vmax"}, {"m", "v", "vmax"}, {"m", "vmax"}
         return {"m", "v"}, {"m", "v"}, {"m", "v"}
     if opts.get("momentum", 0.0) == 0.0:
         return set(), ({"u_prev"} if hyper else set()), {"u_prev"}

@@ -34,7 +34,7 @@ enum TensorField { kUnits, kRowLen, kSegsPerRow, kSegLen, kUnitOffset, kFirstSlo
 enum ChunkField { kTensor, kSegBegin, kSegEnd, kChunkFields };
 // The pointer table: one row per tensor, refreshed only when a storage moves (ops.cpp).
 // 0 marks a tensor the configuration does not have.
-enum PtrField { kParam, kGrad, kStateA, kStateB, kRate, kStep, kPtrFields };
+enum PtrField { kParam, kGrad, kStateA, kStateB, kStateC, kRate, kStep, kPtrFields };
 
 struct Tables {
   const int64_t* tensors;  // [num_tensors, kTensorFields]
@@ -75,10 +75,12 @@ MLHD_HD T* pointer(const int64_t* ptr_row, int field) {
 // Op arguments.
 enum class Dtype { Float, Double, Half, BFloat16 };
 // Base direction (SPEC section 3). State A / B: Adam m / v; SGD momentum_buffer /
-// prev_direction, each present only where the configuration keeps it.
-enum class Direction { Adam, Sgd, Momentum, Nesterov };
-// Where the reduction takes u_prev from: not needed (no hyper-gradient sums), Adam's m and v,
-// or a stored tensor (SGD: prev_direction if kept, else momentum_buffer).
+// prev_direction, each present only where the configuration keeps it. State C: Adam with
+// amsgrad (Amsgrad), the running maximum vmax of v.
+enum class Direction { Adam, Amsgrad, Sgd, Momentum, Nesterov };
+// Where the reduction takes u_prev from: not needed (no hyper-gradient sums), Adam's m and v
+// (vmax when the table has state C), or a stored tensor (SGD: prev_direction if kept, else
+// momentum_buffer).
 enum class Uprev { None, Adam, Stored };
 
 struct Hyper {
@@ -163,6 +165,7 @@ void dispatch_apply(const ApplyArgs& a, F&& f) {
   dispatch_bool(a.param_level, [&](auto param) {
     switch (a.direction) {
       case Direction::Adam: return f(std::integral_constant<Direction, Direction::Adam>{}, param);
+      case Direction::Amsgrad: return f(std::integral_constant<Direction, Direction::Amsgrad>{}, param);
       case Direction::Sgd: return f(std::integral_constant<Direction, Direction::Sgd>{}, param);
       case Direction::Momentum: return f(std::integral_constant<Direction, Direction::Momentum>{}, param);
       case Direction::Nesterov: return f(std::integral_constant<Direction, Direction::Nesterov>{}, param);
@@ -244,7 +247,7 @@ MLHD_HD void store_partials(T* slots, int64_t num_slots, int64_t slot, T scale, 
 }
 
 // One tensor as the reduction reads it. u_prev = scale * x, with x from u0 and u1 (Adam: m
-// and v; otherwise the stored direction in u0); the scale goes onto the sums.
+// and v, or vmax with amsgrad; otherwise the stored direction in u0); the scale goes onto the sums.
 template <typename S, typename T>
 struct ReduceTensor {
   const S* g;
@@ -255,6 +258,7 @@ struct ReduceTensor {
       : g(pointer<const S>(ptr, kGrad)), p(pointer<const S>(ptr, kParam)), u0(pointer<const T>(ptr, kStateA)),
         u1(pointer<const T>(ptr, kStateB)), rate(pointer<const T>(ptr, kRate)) {
     if (u == Uprev::Stored && u1) u0 = u1;  // SGD: prev_direction when kept, else momentum_buffer
+    if (const T* vmax = pointer<const T>(ptr, kStateC)) u1 = vmax;  // Adam with amsgrad
     if (u == Uprev::Adam) {
       const TensorStep<T> ts(*pointer<const float>(ptr, kStep), h);
       scale = ts.prev_scale;
@@ -330,11 +334,12 @@ template <typename S, typename T>
 struct ApplyTensor {
   S* p;
   const S* g;
-  T *a, *b, *rate;  // state A / B (see Direction) and the param level's rates
+  T *a, *b, *c, *rate;  // state A / B / C (see Direction) and the param level's rates
   TensorStep<T> step;
   MLHD_HD ApplyTensor(const int64_t* ptr, const Hyper& h)
       : p(pointer<S>(ptr, kParam)), g(pointer<const S>(ptr, kGrad)), a(pointer<T>(ptr, kStateA)),
-        b(pointer<T>(ptr, kStateB)), rate(pointer<T>(ptr, kRate)), step(*pointer<const float>(ptr, kStep), h) {}
+        b(pointer<T>(ptr, kStateB)), c(pointer<T>(ptr, kStateC)), rate(pointer<T>(ptr, kRate)),
+        step(*pointer<const float>(ptr, kStep), h) {}
 };
 
 // A unit's applied rate without the param level, and its param-level shrinkage target.
@@ -350,13 +355,15 @@ struct UnitCoef {
 // when the step proceeds (gate 1): a skipped step never reaches it, so it writes nothing.
 template <Direction D, bool PARAM, typename S, typename T>
 MLHD_HD void apply_element(int64_t e, S* __restrict__ p, const S* __restrict__ grad, T* __restrict__ a,
-                           T* __restrict__ b, T* __restrict__ rate, T kappa, T parent, const Coef<T>& k,
-                           const StepScalars<T>& c, const TensorStep<T>& ts) {
+                           T* __restrict__ b, T* __restrict__ vmax, T* __restrict__ rate, T kappa, T parent,
+                           const Coef<T>& k, const StepScalars<T>& c, const TensorStep<T>& ts) {
+  constexpr bool ADAM = D == Direction::Adam || D == Direction::Amsgrad;
   T x = Convert<S>::template load<T>(p[e]);
   const T g = effective_grad(Convert<S>::template load<T>(grad[e]), x, k);
   if constexpr (PARAM) {
     T u_prev;  // read before the state moves
-    if constexpr (D == Direction::Adam) u_prev = adam_unscaled(a[e], b[e], ts.prev_rsqrt_bc2, k.eps) * ts.prev_scale;
+    if constexpr (ADAM)
+      u_prev = adam_unscaled(a[e], D == Direction::Amsgrad ? vmax[e] : b[e], ts.prev_rsqrt_bc2, k.eps) * ts.prev_scale;
     else if constexpr (D == Direction::Momentum) u_prev = a[e];
     else u_prev = b[e];
     const T r = new_param_rate(rate[e], g * u_prev, parent, c);
@@ -365,11 +372,17 @@ MLHD_HD void apply_element(int64_t e, S* __restrict__ p, const S* __restrict__ g
   }
   x *= 1 - kappa * k.decoupled_weight_decay;
   T u = g;
-  if constexpr (D == Direction::Adam) {
+  if constexpr (ADAM) {
     const T m = k.beta1 * a[e] + k.one_minus_beta1 * g;
-    const T v = k.beta2 * b[e] + k.one_minus_beta2 * g * g;
+    T v = k.beta2 * b[e] + k.one_minus_beta2 * g * g;
     a[e] = m;
     b[e] = v;
+    if constexpr (D == Direction::Amsgrad) {
+      // torch.maximum(vmax, v) of the raw v, before bias correction; a NaN in either propagates
+      const T old = vmax[e];
+      v = (v != v || v > old) ? v : old;
+      vmax[e] = v;
+    }
     u = adam_unscaled(m, v, ts.rsqrt_bc2, k.eps) * ts.scale;
   } else {
     if constexpr (D != Direction::Sgd) {

@@ -66,10 +66,11 @@ void refresh_pointers(const std::vector<int64_t>& rows, at::Tensor& mirror, at::
 
 Direction parse_direction(std::string_view d) {
   if (d == "adam") return Direction::Adam;
+  if (d == "amsgrad") return Direction::Amsgrad;
   if (d == "sgd") return Direction::Sgd;
   if (d == "momentum") return Direction::Momentum;
   if (d == "nesterov") return Direction::Nesterov;
-  TORCH_CHECK(false, "unknown direction '", std::string(d), "'; expected adam, sgd, momentum or nesterov");
+  TORCH_CHECK(false, "unknown direction '", std::string(d), "'; expected adam, amsgrad, sgd, momentum or nesterov");
 }
 
 const void* scalar_data(const at::Tensor& t, const at::TensorOptions& math, const char* what) {
@@ -86,7 +87,7 @@ Operands prepare_operands(const OpLists& l, const at::Tensor& meta, at::Tensor& 
   const int64_t n = static_cast<int64_t>(l.params.size());
   TORCH_CHECK(n > 0 && static_cast<int64_t>(l.grads.size()) == n && static_cast<int64_t>(l.steps.size()) == n,
               "params, grads and steps must be non-empty lists of one length");
-  for (const auto* list : {&l.state_a, &l.state_b, &l.param_rates})
+  for (const auto* list : {&l.state_a, &l.state_b, &l.state_c, &l.param_rates})
     TORCH_CHECK(list->empty() || static_cast<int64_t>(list->size()) == n, "state lists must be empty or match params");
   const at::ScalarType dtype = l.params[0].scalar_type();
   const at::Device device = meta.device();
@@ -136,6 +137,7 @@ Operands prepare_operands(const OpLists& l, const at::Tensor& meta, at::Tensor& 
     row[kGrad] = use(l.grads[i], dtype, false);
     row[kStateA] = state(l.state_a);
     row[kStateB] = state(l.state_b);
+    row[kStateC] = state(l.state_c);
     row[kRate] = state(l.param_rates);
     row[kStep] = address(step);
   }
@@ -149,7 +151,9 @@ Operands prepare_operands(const OpLists& l, const at::Tensor& meta, at::Tensor& 
 // Schemas. Both ops walk the same launch table `meta` (cpp_backend.py builds it) and keep
 // the pointer table in (ptr_mirror on the host, ptr_table on the device). State lists:
 // state_a / state_b are Adam's exp_avg / exp_avg_sq, or SGD's momentum_buffer /
-// prev_direction (empty lists where the configuration keeps none); param_rates is empty
+// prev_direction (empty lists where the configuration keeps none); state_c is Adam's
+// max_exp_avg_sq with amsgrad (direction "amsgrad"; the reduction then takes u_prev from
+// it), else empty; param_rates is empty
 // without a param level. grad_factor: a one-element tensor of the math dtype on the device,
 // (-1 for maximize) / GradScaler's scale; the kernels multiply every raw gradient by it as
 // they read it (before coupled weight decay), and read it only on the device.
@@ -167,15 +171,16 @@ MLHD_TORCH_LIBRARY(MLHD_OPS, m) {
   // unit_sums[:, unit]; totals = (sum alpha_param*g*u_prev, sum (alpha_param*g)^2, 0 or NaN
   // if some g is NaN/Inf).
   m.def(
-      "reduce(Tensor[] params, Tensor[] grads, Tensor[] state_a, Tensor[] state_b, Tensor[] param_rates, "
-      "Tensor[] steps, Tensor meta, Tensor(a!) ptr_mirror, Tensor(b!) ptr_table, int num_slots, str direction, "
+      "reduce(Tensor[] params, Tensor[] grads, Tensor[] state_a, Tensor[] state_b, Tensor[] state_c, "
+      "Tensor[] param_rates, Tensor[] steps, Tensor meta, Tensor(a!) ptr_mirror, Tensor(b!) ptr_table, int num_slots, str direction, "
       "bool hypergrad_sums, bool param_sums, Tensor grad_factor, float coupled_weight_decay, float beta1, "
       "float beta2, float eps, Tensor(c!) unit_sums, Tensor(d!) totals) -> ()");
   // Stage 3: the elementwise pass with the level stage's coefficients; does nothing at all
   // when gate is 0 (a skipped step).
   m.def(
       "apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_a, Tensor(c!)[] state_b, "
-      "Tensor(d!)[] param_rates, Tensor(e!)[] steps, Tensor meta, Tensor(f!) ptr_mirror, Tensor(g!) ptr_table, "
+      "Tensor(h!)[] state_c, Tensor(d!)[] param_rates, Tensor(e!)[] steps, Tensor meta, Tensor(f!) ptr_mirror, "
+      "Tensor(g!) ptr_table, "
       "str direction, Tensor grad_factor, float coupled_weight_decay, float decoupled_weight_decay, float beta1, "
       "float beta2, float eps, float momentum, float dampening, Tensor gate, Tensor hd_gate, Tensor kappa_units, "
       "Tensor? param_kappa, Tensor? param_hd, Tensor? param_parent, bool multiplicative, float shrinkage, "

@@ -15,7 +15,7 @@
 namespace mlhd {
 
 struct OpLists {
-  at::TensorList params, grads, state_a, state_b, param_rates, steps;
+  at::TensorList params, grads, state_a, state_b, state_c, param_rates, steps;
 };
 
 // The tensors of one call as kernel arguments: tables with fresh pointers, and copies of
@@ -41,11 +41,11 @@ inline bool is_math(const at::Tensor& t, const at::TensorOptions& math) {
 
 template <class Runner>
 void reduce_op(at::TensorList params, at::TensorList grads, at::TensorList state_a, at::TensorList state_b,
-               at::TensorList param_rates, at::TensorList steps, const at::Tensor& meta, at::Tensor& ptr_mirror,
+               at::TensorList state_c, at::TensorList param_rates, at::TensorList steps, const at::Tensor& meta, at::Tensor& ptr_mirror,
                at::Tensor& ptr_table, int64_t num_slots, std::string_view direction, bool hypergrad_sums,
                bool param_sums, const at::Tensor& grad_factor, double coupled_weight_decay, double beta1,
                double beta2, double eps, at::Tensor& unit_sums, at::Tensor& totals) {
-  Operands ops = prepare_operands({params, grads, state_a, state_b, param_rates, steps}, meta, ptr_mirror,
+  Operands ops = prepare_operands({params, grads, state_a, state_b, state_c, param_rates, steps}, meta, ptr_mirror,
                                   ptr_table, num_slots, /*writes=*/false, Runner::capturing(meta.device()));
   TORCH_CHECK(unit_sums.dim() == 2 && (unit_sums.size(0) == 1 || unit_sums.size(0) == 3) &&
                   unit_sums.stride(1) == 1 && is_math(unit_sums, ops.math),
@@ -59,8 +59,9 @@ void reduce_op(at::TensorList params, at::TensorList grads, at::TensorList state
   a.hyper.beta1 = beta1;
   a.hyper.beta2 = beta2;
   a.hyper.eps = eps;
+  const Direction d = parse_direction(direction);
   a.uprev = !hypergrad_sums ? Uprev::None
-            : parse_direction(direction) == Direction::Adam ? Uprev::Adam : Uprev::Stored;
+            : d == Direction::Adam || d == Direction::Amsgrad ? Uprev::Adam : Uprev::Stored;
   a.param_sums = param_sums;
   a.coupled_decay = coupled_weight_decay != 0;
   a.num_sums = unit_sums.size(0);
@@ -76,7 +77,7 @@ void reduce_op(at::TensorList params, at::TensorList grads, at::TensorList state
 
 template <class Runner>
 void apply_op(at::TensorList params, at::TensorList grads, at::TensorList state_a, at::TensorList state_b,
-              at::TensorList param_rates, at::TensorList steps, const at::Tensor& meta, at::Tensor& ptr_mirror,
+              at::TensorList state_c, at::TensorList param_rates, at::TensorList steps, const at::Tensor& meta, at::Tensor& ptr_mirror,
               at::Tensor& ptr_table, std::string_view direction, const at::Tensor& grad_factor,
               double coupled_weight_decay, double decoupled_weight_decay, double beta1, double beta2, double eps,
               double momentum, double dampening, const at::Tensor& gate, const at::Tensor& hd_gate,
@@ -84,7 +85,7 @@ void apply_op(at::TensorList params, at::TensorList grads, at::TensorList state_
               const std::optional<at::Tensor>& param_kappa, const std::optional<at::Tensor>& param_hd,
               const std::optional<at::Tensor>& param_parent, bool multiplicative, double shrinkage,
               double rate_min, double rate_max) {
-  Operands ops = prepare_operands({params, grads, state_a, state_b, param_rates, steps}, meta, ptr_mirror,
+  Operands ops = prepare_operands({params, grads, state_a, state_b, state_c, param_rates, steps}, meta, ptr_mirror,
                                   ptr_table, /*num_slots=*/0, /*writes=*/true, Runner::capturing(meta.device()));
   ApplyArgs a{};
   a.tables = ops.tables;
@@ -92,6 +93,8 @@ void apply_op(at::TensorList params, at::TensorList grads, at::TensorList state_
              multiplicative, shrinkage, rate_min, rate_max};
   a.grad_factor = scalar_data(grad_factor, ops.math, "grad_factor");
   a.direction = parse_direction(direction);
+  TORCH_CHECK((a.direction == Direction::Amsgrad) == !state_c.empty(),
+              "apply: state_c (max_exp_avg_sq) goes with direction amsgrad, and only with it");
   a.param_level = !param_rates.empty();
   a.gate = scalar_data(gate, ops.math, "gate");
   a.hd_gate = scalar_data(hd_gate, ops.math, "hd_gate");

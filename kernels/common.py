@@ -20,10 +20,14 @@ ROLE_GRAD = tl.constexpr(1)
 # SGD keeps what gives u_prev in STATE1 (prev_direction, or momentum_buffer without
 # Nesterov), so the reduction reads one role for every SGD flavour.
 ROLE_STATE1 = tl.constexpr(2)  # Adam: exp_avg; SGD: prev_direction | momentum_buffer
-ROLE_STATE2 = tl.constexpr(3)  # Adam: exp_avg_sq; SGD Nesterov: momentum_buffer
+# Adam keeps what u divides by in STATE2 (exp_avg_sq, or max_exp_avg_sq with amsgrad), so
+# the reduction reads the same roles with and without amsgrad; only the step kernel, which
+# updates v and its maximum, reads STATE3.
+ROLE_STATE2 = tl.constexpr(3)  # Adam: exp_avg_sq | max_exp_avg_sq; SGD Nesterov: momentum_buffer
 ROLE_RATE = tl.constexpr(4)  # param_rate (the param level)
 ROLE_STEP = tl.constexpr(5)  # the parameter's own step count, float32 0-d
-NUM_ROLES = 6
+ROLE_STATE3 = tl.constexpr(6)  # Adam with amsgrad: exp_avg_sq
+NUM_ROLES = 7
 
 META_NUMEL = tl.constexpr(0)
 META_ROW_LEN = tl.constexpr(1)  # elements per unit

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    ADAM, adam_direction, bias_correction, effective_grad, load_grad_factor, tensor_meta, tensor_pointers,
-    to_dtype,
+    ADAM, ROLE_STATE3, adam_direction, bias_correction, effective_grad, load_grad_factor, tensor_meta,
+    tensor_pointers, to_dtype,
 )
 
 BLOCK = tl.constexpr(2048)
@@ -31,8 +31,8 @@ def _step_block(
     tensor, start, numel, units, unit_offset, unit_stride, pointers, n_tensors, old_steps, grad_factor,
     hd_gate_ptr, kappa_units, kappa_stride, param_kappa_ptr, param_hd_ptr, parent_ptr, parent_stride,
     weight_decay, beta1, beta2, log_beta1, log_beta2, eps, momentum, dampening, shrink, lo, hi,
-    P_DTYPE: tl.constexpr, KIND: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    COUPLED_WD: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+    P_DTYPE: tl.constexpr, KIND: tl.constexpr, AMSGRAD: tl.constexpr, MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr, COUPLED_WD: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, HAS_PARAM: tl.constexpr, MULTIPLICATIVE: tl.constexpr,
     SHRINK: tl.constexpr, CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr, PER_UNIT: tl.constexpr,
     STRIDED: tl.constexpr, ALIGNED: tl.constexpr, FULL: tl.constexpr,
@@ -54,14 +54,25 @@ def _step_block(
     # The base direction u (SPEC section 3) and, for the param level, u_prev.
     if KIND == ADAM:
         m = tl.load(s1_ptr, mask=mask, other=other)
-        v = tl.load(s2_ptr, mask=mask, other=other)
+        v = tl.load(s2_ptr, mask=mask, other=other)  # with amsgrad: vmax (kernels/common.py)
         if HAS_PARAM:
             last = tl.maximum(old_step, 1.0)  # as in the reduction: u_prev = 0 if never stepped
             bc1, bc2 = bias_correction(last, log_beta1), bias_correction(last, log_beta2)
             u_prev = adam_direction(m, v, bc1, bc2, eps)
         m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * g * g
         tl.store(s1_ptr, m, mask=mask)
+        if AMSGRAD:
+            vmax = v
+            v_ptr = tl.load(pointers + ROLE_STATE3 * n_tensors + tensor).to(tl.pointer_type(tl.float32))
+            if ALIGNED:
+                v_ptr = tl.multiple_of(v_ptr, 16)
+            v_ptr = v_ptr + offs
+            v = beta2 * tl.load(v_ptr, mask=mask, other=other) + (1.0 - beta2) * g * g
+            tl.store(v_ptr, v, mask=mask)
+            # torch.maximum(vmax, v) of the raw v, before bias correction (NaN propagates)
+            v = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+        else:
+            v = beta2 * v + (1.0 - beta2) * g * g
         tl.store(s2_ptr, v, mask=mask)
         now = old_step + 1.0
         u = adam_direction(m, v, bias_correction(now, log_beta1), bias_correction(now, log_beta2), eps)
@@ -132,8 +143,8 @@ def step_kernel(
     chunks, n_bucket_chunks, pointers, table, n_tensors, old_steps, gate_ptr, grad_factor_ptr,
     hd_gate_ptr, kappa_units, kappa_stride, param_kappa_ptr, param_hd_ptr, parent_ptr, parent_stride,
     weight_decay, beta1, beta2, log_beta1, log_beta2, eps, momentum, dampening, shrink, lo, hi,
-    P_DTYPE: tl.constexpr, KIND: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    COUPLED_WD: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+    P_DTYPE: tl.constexpr, KIND: tl.constexpr, AMSGRAD: tl.constexpr, MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr, COUPLED_WD: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, HAS_PARAM: tl.constexpr, MULTIPLICATIVE: tl.constexpr,
     SHRINK: tl.constexpr, CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr, PER_UNIT: tl.constexpr,
     STRIDED: tl.constexpr, ALIGNED: tl.constexpr,
@@ -149,7 +160,7 @@ def step_kernel(
                 tensor, start, numel, units, unit_offset, unit_stride, pointers, n_tensors, old_steps,
                 grad_factor, hd_gate_ptr, kappa_units, kappa_stride, param_kappa_ptr, param_hd_ptr, parent_ptr,
                 parent_stride, weight_decay, beta1, beta2, log_beta1, log_beta2, eps, momentum,
-                dampening, shrink, lo, hi, P_DTYPE, KIND, MOMENTUM, NESTEROV, COUPLED_WD,
+                dampening, shrink, lo, hi, P_DTYPE, KIND, AMSGRAD, MOMENTUM, NESTEROV, COUPLED_WD,
                 SKIP_NONFINITE, DECOUPLED_WD, HAS_PARAM, MULTIPLICATIVE, SHRINK, CLAMP_LO, CLAMP_HI,
                 PER_UNIT, STRIDED, ALIGNED, True,
             )
@@ -158,7 +169,7 @@ def step_kernel(
                 tensor, start, numel, units, unit_offset, unit_stride, pointers, n_tensors, old_steps,
                 grad_factor, hd_gate_ptr, kappa_units, kappa_stride, param_kappa_ptr, param_hd_ptr, parent_ptr,
                 parent_stride, weight_decay, beta1, beta2, log_beta1, log_beta2, eps, momentum,
-                dampening, shrink, lo, hi, P_DTYPE, KIND, MOMENTUM, NESTEROV, COUPLED_WD,
+                dampening, shrink, lo, hi, P_DTYPE, KIND, AMSGRAD, MOMENTUM, NESTEROV, COUPLED_WD,
                 SKIP_NONFINITE, DECOUPLED_WD, HAS_PARAM, MULTIPLICATIVE, SHRINK, CLAMP_LO, CLAMP_HI,
                 PER_UNIT, STRIDED, ALIGNED, False,
             )

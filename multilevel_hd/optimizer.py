@@ -53,25 +53,48 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         self._options: list = []  # per group: (option key, GroupOptions) of the last step
         self._backends: list = []  # per group: the backend module of the last step
         self._state_levels: list = []  # per group: the levels its state was made for (None: no state yet)
-        # what `_option_key` compares: every option but lr, and the scheduler's base lr
-        self._option_names = tuple(k for k in defaults if k != "lr") + ("initial_lr",)
+        # what `_option_key` compares: every option but lr, and the scheduler's base lr. Not
+        # torch.optim's implementation flags: no step option depends on them (the backend is
+        # resolved afresh at each step), and Dynamo's traced view of the groups sets
+        # "capturable" to True, which would make a compiled step re-resolve the options.
+        self._option_names = tuple(k for k in defaults if k not in ("lr", *_IMPLEMENTATION_FLAGS)) + ("initial_lr",)
         self.sharding_group = sharding_group
         super().__init__(params, defaults)
+
+    # -- copies (copy.deepcopy, pickle, torch.save) -------------------------------------
+    # torch.optim.Optimizer keeps only defaults, state and param_groups; a step also needs the
+    # group states (t, rates, weights), the layouts and the option names. What a step rebuilds
+    # is left out (plans with their device tables, which hold the original's tensor addresses;
+    # resolved options; backend modules), and hooks are dropped, as torch.optim drops them.
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update(group_states=self.group_states, _state_levels=self._state_levels, _layouts=self._layouts,
+                     _option_names=self._option_names, sharding_group=self.sharding_group)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        groups = len(self.param_groups)
+        self._plans, self._options, self._backends = [None] * groups, [None] * groups, [None] * groups
 
     # -- construction ---------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        # The base of an LR scheduler's factor (schedulers set it the same way).
-        group.setdefault("initial_lr", group["lr"])
         try:
+            if isinstance(group["lr"], torch.Tensor) and group["lr"].numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")  # torch.optim's message
+            # The base of an LR scheduler's factor (schedulers set it the same way), where the
+            # rates start: a number, also for a tensor lr (read here once, never in a step).
+            group.setdefault("initial_lr", _number(group["lr"]))
             for p in group["params"]:
                 if p.is_complex():
                     raise ValueError("multilevel_hd does not support complex parameters")
                 if not p.is_floating_point():
                     raise ValueError(f"parameters must be floating point, got {p.dtype}")
-            resolve(group, self._kind)
-        except (ValueError, TypeError):
+            resolve(_with_number_lr(group), self._kind)
+            _check_torch_optim_flags(group)
+        except (ValueError, TypeError, RuntimeError, NotImplementedError):
             self.param_groups.pop()
             raise
         self.group_states.append(None)
@@ -85,7 +108,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         # A backend that cannot run raises at step(), as before.
         if group["params"]:
             try:
-                backends.resolve_backend(group["backend"], group["params"][0].device)
+                _backend_name(group, group["params"][0].device)
             except RuntimeError:
                 pass
 
@@ -134,8 +157,8 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     f"all parameters of a param group must be on one device (level sums span "
                     f"the group); found {device} and {p.device}"
                 )
-        opts = self._group_options(index, group)
-        backend = backends.resolve_backend(group["backend"], device)
+        opts = self._group_options(index, group, device)
+        backend = _backend_name(group, device)
         state_levels = self._state_levels[index]
         if state_levels is not None and state_levels != opts.levels:
             raise ValueError(
@@ -146,7 +169,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         if any(self.state.get(params[j]) and set(self.state[params[j]]) != keys for j in active):
             raise ValueError(
                 f"the state of param group {index} does not fit its options: momentum cannot become or "
-                "stop being 0, nor nesterov change, after a parameter's first step"
+                "stop being 0, nor nesterov or amsgrad change, after a parameter's first step"
             )
         if check_only:
             return active
@@ -170,14 +193,19 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                 sign_tensor(plan, -1.0, device, compute_dtype(params[j].dtype))
         return active
 
-    def _group_options(self, index: int, group: dict):
+    def _group_options(self, index: int, group: dict, device):
         """The group's resolved options, resolved again only when an option changed (an LR
         scheduler changing only `lr` costs a copy with the new `lr_scale`)."""
         key = _option_key(group, self._option_names)
         cached = self._options[index]
         if cached is None or cached[0] != key:
-            cached = self._options[index] = (key, resolve(group, self._kind))
+            cached = self._options[index] = (key, _resolve(group, self._kind))
         opts = cached[1]
+        if isinstance(group["lr"], torch.Tensor):  # its value never comes to the host
+            scale = _lr_scale_tensor(group["lr"], opts.lr, device, group_dtype(group["params"]))
+            opts = dataclasses.replace(opts, lr_scale=scale)
+            self._options[index] = (key, opts)
+            return opts
         check_nonnegative("lr", group["lr"])
         scale = lr_scale(group["lr"], opts.lr)
         if scale != opts.lr_scale:
@@ -198,15 +226,12 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             # torch.tensor specialise a symbolic float, and torch 2.13's Inductor then
             # baked one value without a guard.)
             if _option_key(group, self._option_names) != key:
-                opts = resolve(group, self._kind)
-            if self._backends[index].name in _SCALAR_LR_SCALE:
+                opts = _resolve(group, self._kind)
+            if self._backends[index].name in _SCALAR_LR_SCALE and not isinstance(group["lr"], torch.Tensor):
                 scale = lr_scale(group["lr"], opts.lr)
             else:
                 gs = self.group_states[index]
-                scale = torch.ones((), dtype=torch.float64, device=gs["step"].device)
-                if opts.lr > 0:
-                    scale = scale * group["lr"] / opts.lr
-                scale = scale.to(gs["step"].dtype)
+                scale = _lr_scale_tensor(group["lr"], opts.lr, gs["step"].device, gs["step"].dtype)
             opts = dataclasses.replace(opts, lr_scale=scale)
         params = group["params"]
         stepping = [params[j] for j in active]
@@ -216,11 +241,30 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                         sharding_group=self.sharding_group)
 
     # -- inspection -----------------------------------------------------------------
+    def backends(self) -> list:
+        """Per group: the name of the backend its steps run with, what `backend` ("auto"
+        included) and torch.optim's `fused` / `foreach` resolve to on the group's device; None
+        for a group without parameters. Raises step()'s RuntimeError for one that cannot run."""
+        return [_backend_name(g, g["params"][0].device) if g["params"] else None for g in self.param_groups]
+
+    def __repr__(self) -> str:
+        # torch.optim's listing of every group option, and the backend each group resolved to
+        lines = [self.__class__.__name__ + " ("]
+        for index, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {index}")
+            lines += [f"    {key}: {group[key]}" for key in sorted(group) if key != "params"]
+            try:
+                resolved = _backend_name(group, group["params"][0].device) if group["params"] else None
+            except RuntimeError as err:
+                resolved = f"none ({err})"
+            lines.append(f"    resolved backend: {resolved}")
+        return "\n".join(lines + [")"])
+
     def _group_state_or_initial(self, index: int) -> dict:
         group = self.param_groups[index]
         if self.group_states[index] is not None:
             return self.group_states[index]
-        opts = resolve(group, self._kind)
+        opts = _resolve(group, self._kind)
         device = group["params"][0].device
         return new_group_state(opts, self._layouts[index], device, group_dtype(group["params"]))
 
@@ -231,7 +275,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         """Per group: "weights" and each active level's rates (copies; SPEC section 4)."""
         out = []
         for index, group in enumerate(self.param_groups):
-            opts = resolve(group, self._kind)
+            opts = _resolve(group, self._kind)
             gs = self._group_state_or_initial(index)
             entry = {"weights": gs["weights"].clone()}
             for level in opts.levels:
@@ -251,7 +295,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             for j, q in enumerate(group["params"]):
                 if q is p:
-                    opts = resolve(group, self._kind)
+                    opts = _resolve(group, self._kind)
                     gs = self._group_state_or_initial(index)
                     kappa = applied_rate(
                         opts, gs, self._layouts[index].tensors[j], p, self._param_state_or_initial(p, opts)
@@ -271,6 +315,28 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this class or of its torch.optim twin (Adam/AdamW for
+        MultiLevelAdam/AdamW, SGD for MultiLevelSGD; same parameters and groups): the twin's
+        moments, momentum buffers, max_exp_avg_sq and step counts carry over, its options
+        (lr, betas, ...) replace this optimizer's as torch.optim's loading does, and rates and
+        weights start afresh at each group's lr."""
+        twin = "optimizer_kind" not in state_dict
+        if twin:
+            self._check_twin_kind(state_dict)
+
+        def merged(saved: dict, current: dict) -> dict:
+            # An option a saved group lacks (an older checkpoint; the twin's has no multi-level
+            # options) takes this optimizer's value. foreach and fused stay this optimizer's:
+            # they choose the backend, which is how this process runs, not state.
+            group = {**current, **saved, "foreach": current["foreach"], "fused": current["fused"]}
+            if twin:  # rates start at the twin's lr (its base, if its LR scheduler recorded one)
+                group["initial_lr"] = _number(saved.get("initial_lr", saved["lr"]))
+            return group
+
+        groups = [merged(saved, current) for saved, current in zip(state_dict["param_groups"], self.param_groups)]
+        state_dict = {**state_dict, "param_groups": groups + state_dict["param_groups"][len(groups):]}
+        if twin:
+            state_dict = self._from_twin(state_dict)
         self._check_state_dict(state_dict)
         # The backend is how this process runs a step, not state: the one this optimizer was
         # built with stands (a checkpoint saved under "triton" on a GPU resumes on a CPU).
@@ -284,8 +350,9 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             for p, pid in zip(group["params"], saved_group["params"]):
                 saved = state_dict["state"].get(pid)
                 if saved:
-                    self.state[p] = {
-                        k: v.to(device=p.device, dtype=torch.float32 if k == "step" else compute_dtype(p.dtype), copy=True)
+                    self.state[p] = {  # (a step count saved as a number, as older torch.optim did)
+                        k: torch.as_tensor(v).to(device=p.device, dtype=torch.float32 if k == "step" else
+                                                 compute_dtype(p.dtype), copy=True)
                         for k, v in saved.items()
                     }
         self.group_states = []
@@ -302,6 +369,34 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         self._plans = [None] * len(self.param_groups)
         self._options = [None] * len(self.param_groups)
 
+    def _check_twin_kind(self, state_dict: dict) -> None:
+        """Refuse a foreign state dict that is not from this class's torch.optim twin."""
+        groups = state_dict["param_groups"]
+        # (options no other torch.optim optimizer has together: NAdam has betas, RMSprop momentum)
+        kind = ("adam" if all("betas" in g and "amsgrad" in g for g in groups) else
+                "sgd" if all("nesterov" in g and "dampening" in g for g in groups) else None)
+        if kind != self._kind:
+            origin = {"adam": "torch.optim Adam", "sgd": "torch.optim SGD", None: "non-multilevel_hd"}[kind]
+            raise ValueError(f"state dict is from a {origin} optimizer, not a multilevel_hd {self._kind} one")
+
+    def _from_twin(self, state_dict: dict) -> dict:
+        """The twin's state dict (its groups completed with this optimizer's options) in this
+        class's format: the state a step needs beyond the twin's at its start values (rates at
+        `initial_lr`), group states afresh."""
+        groups = state_dict["param_groups"]
+        state = {}
+        for group, current in zip(groups, self.param_groups):
+            opts = _resolve(group, self._kind)
+            for pid, p in zip(group["params"], current["params"]):
+                saved = state_dict["state"].get(pid)
+                if not saved:
+                    continue
+                state[pid] = {**new_param_state(p, opts), **saved}  # param_rate at lr, prev_direction 0
+                if opts.kind == "sgd":  # SGD keeps no count; a momentum buffer means it has stepped
+                    state[pid]["step"] = torch.ones((), dtype=torch.float32)
+        return {**state_dict, "state": state, "param_groups": groups, "optimizer_kind": self._kind,
+                "group_states": [None] * len(groups)}
+
     def _check_state_dict(self, state_dict: dict) -> None:
         """Refuse a state dict that this optimizer's configuration cannot continue from."""
         kind = state_dict.get("optimizer_kind")
@@ -316,7 +411,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             layout = self._layouts[index]
             if len(saved_group["params"]) != layout.num_layers:
                 raise ValueError(f"param group {index} has a different number of parameters")
-            opts = resolve({**saved_group, "backend": self.param_groups[index]["backend"]}, self._kind)
+            opts = _resolve({**saved_group, "backend": self.param_groups[index]["backend"]}, self._kind)
             current_levels = tuple(self.param_groups[index]["levels"])
             if opts.levels != current_levels:
                 raise ValueError(
@@ -333,6 +428,50 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     k != "step" and tuple(v.shape) != tuple(p.shape) for k, v in saved.items()
                 )):
                     raise ValueError(f"saved state of a parameter of group {index} does not match its configuration")
+
+
+def _number(lr):
+    return float(lr) if isinstance(lr, torch.Tensor) else lr
+
+
+def _with_number_lr(group: dict) -> dict:
+    """The group as `resolve` reads it: a tensor lr (torch.optim's, 0-d) enters as its base
+    `initial_lr`; what it adds, the factor lr / initial_lr, reaches a step as a device tensor
+    (`_lr_scale_tensor`), so no step reads it on the host."""
+    return {**group, "lr": group["initial_lr"]} if isinstance(group["lr"], torch.Tensor) else group
+
+
+def _resolve(group: dict, kind: str):
+    return resolve(_with_number_lr(group), kind)
+
+
+def _lr_scale_tensor(lr, base: float, device, dtype) -> torch.Tensor:
+    """An LR scheduler's factor lr / base (1 for a base of 0) as a 0-d tensor on `device`,
+    from a float or a tensor lr without reading it (a CPU lr is copied without waiting)."""
+    scale = torch.ones((), dtype=torch.float64, device=device)
+    if base > 0:
+        if isinstance(lr, torch.Tensor):
+            lr = lr.to(device=device, dtype=torch.float64, non_blocking=True)
+        scale = scale * lr / base
+    return scale.to(dtype)
+
+
+_IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _backend_name(group: dict, device) -> str:
+    return backends.resolve_backend(group["backend"], device, group["fused"], group["foreach"])
+
+
+def _check_torch_optim_flags(group: dict) -> None:
+    """torch.optim's implementation keywords: `fused` / `foreach` must agree with `backend`;
+    `differentiable=True` cannot be honoured."""
+    if group["differentiable"]:
+        raise NotImplementedError(
+            "differentiable=True is not supported: multilevel_hd steps update parameters, state and "
+            "rates in place without autograd (fused kernels included), so no graph through step() exists"
+        )
+    backends.check_flags(group["backend"], group["fused"], group["foreach"])
 
 
 # Backends whose kernels take `GroupOptions.lr_scale` as a scalar argument: under
@@ -354,9 +493,22 @@ def _frozen(value):
     return value
 
 
+_TORCH_OPTIM_KEYWORDS = """
+
+    torch.optim's implementation keywords choose among this package's backends:
+    ``fused=True`` a fused one (compiled kernels, one pass over all tensors: on CUDA
+    ``triton`` else ``cuda``, on the CPU ``cpp``; a RuntimeError if none can run);
+    ``fused=False`` or ``foreach=False`` the ``torch`` backend (PyTorch operations in a loop
+    over the tensors, as torch.optim's for-loop implementation); ``foreach=True`` or ``None``
+    leave the choice to ``backend="auto"``. A named ``backend`` that contradicts them is a
+    ValueError. ``differentiable=True`` raises NotImplementedError: a step updates everything
+    in place, outside autograd. ``opt.backends()`` and ``repr(opt)`` name the backend each
+    group runs with."""
+
+
 class MultiLevelSGD(_MultiLevelOptimizer):
-    """SGD (optionally with momentum or Nesterov momentum) with multi-level hyper-gradient
-    learning rates (SPEC sections 2-4)."""
+    __doc__ = """SGD (optionally with momentum or Nesterov momentum) with multi-level hyper-gradient
+    learning rates (SPEC sections 2-4).""" + _TORCH_OPTIM_KEYWORDS
 
     _kind = "sgd"
 
@@ -364,37 +516,45 @@ class MultiLevelSGD(_MultiLevelOptimizer):
                  weight_decay=0.0, maximize=False, *, levels=DEFAULT_LEVELS, init_weights=None,
                  hypergrad_lr=None, hypergrad_rule="additive", hypergrad_scaling="size",
                  combination_lr=None, shrinkage=None, rate_bounds=(0.0, None), hd_decay=0.0,
-                 final_lr=None, skip_nonfinite=True, backend="auto", sharding_group=None):
+                 final_lr=None, skip_nonfinite=True, backend="auto", sharding_group=None,
+                 foreach=None, fused=None, differentiable=False):
+        if not isinstance(nesterov, bool):  # torch.optim.SGD's fifth positional is weight_decay
+            raise TypeError(f"nesterov must be True or False, got {nesterov!r} (pass weight_decay by keyword: "
+                            "it comes after nesterov here, before it in torch.optim.SGD)")
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
             weight_decay=weight_decay, maximize=maximize, levels=levels,
             init_weights=init_weights, hypergrad_lr=hypergrad_lr, hypergrad_rule=hypergrad_rule,
             hypergrad_scaling=hypergrad_scaling, combination_lr=combination_lr,
             shrinkage=shrinkage, rate_bounds=rate_bounds, hd_decay=hd_decay, final_lr=final_lr,
-            skip_nonfinite=skip_nonfinite, backend=backend,
+            skip_nonfinite=skip_nonfinite, backend=backend, foreach=foreach, fused=fused,
+            differentiable=differentiable,
         )
         super().__init__(params, defaults, sharding_group)
 
 
 class MultiLevelAdam(_MultiLevelOptimizer):
-    """Adam (or AdamW with decoupled_weight_decay=True) with multi-level hyper-gradient
-    learning rates (SPEC sections 2-4)."""
+    __doc__ = """Adam (or AdamW with decoupled_weight_decay=True, AMSGrad with amsgrad=True) with
+    multi-level hyper-gradient learning rates (SPEC sections 2-4). ``capturable`` is accepted
+    and changes nothing: every step is capturable (no host synchronisation).""" + _TORCH_OPTIM_KEYWORDS
 
     _kind = "adam"
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
                  decoupled_weight_decay=False, maximize=False, *, levels=DEFAULT_LEVELS,
                  init_weights=None, hypergrad_lr=None, hypergrad_rule="additive",
                  hypergrad_scaling="size", combination_lr=None, shrinkage=None,
                  rate_bounds=(0.0, None), hd_decay=0.0, final_lr=None, skip_nonfinite=True,
-                 backend="auto", sharding_group=None):
+                 backend="auto", sharding_group=None, foreach=None, fused=None, capturable=False,
+                 differentiable=False):
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, levels=levels,
             init_weights=init_weights, hypergrad_lr=hypergrad_lr, hypergrad_rule=hypergrad_rule,
             hypergrad_scaling=hypergrad_scaling, combination_lr=combination_lr,
             shrinkage=shrinkage, rate_bounds=rate_bounds, hd_decay=hd_decay, final_lr=final_lr,
-            skip_nonfinite=skip_nonfinite, backend=backend,
+            skip_nonfinite=skip_nonfinite, backend=backend, foreach=foreach, fused=fused,
+            capturable=capturable, differentiable=differentiable,
         )
         super().__init__(params, defaults, sharding_group)
 
@@ -402,6 +562,7 @@ class MultiLevelAdam(_MultiLevelOptimizer):
 class MultiLevelAdamW(MultiLevelAdam):
     """MultiLevelAdam with decoupled weight decay (default 1e-2), as torch.optim.AdamW."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 decoupled_weight_decay=True, maximize=False, **kwargs):
-        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize, **kwargs)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, decoupled_weight_decay=True, **kwargs):
+        # positional arguments as torch.optim.AdamW's (amsgrad sixth, the rest keyword-only)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, maximize, **kwargs)

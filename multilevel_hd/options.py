@@ -42,6 +42,7 @@ class GroupOptions:
     beta1: float
     beta2: float
     eps: float
+    amsgrad: bool  # Adam: u from the running maximum of v (max_exp_avg_sq), as torch.optim.Adam
     hypergrad_lr: dict  # level -> beta_k
     combination_lr: float  # delta
     rule: str
@@ -205,6 +206,7 @@ def resolve(group: dict, kind: str) -> GroupOptions:
         check_nonnegative("eps", group["eps"])
         momentum = dampening = 0.0
         nesterov, eps, decoupled = False, group["eps"], group["decoupled_weight_decay"]
+        amsgrad = group["amsgrad"]
     else:
         momentum, dampening, nesterov = group["momentum"], group["dampening"], group["nesterov"]
         check_nonnegative("momentum", momentum)
@@ -212,14 +214,14 @@ def resolve(group: dict, kind: str) -> GroupOptions:
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum requires a positive momentum and zero dampening")
         beta1 = beta2 = eps = 0.0
-        decoupled = False
+        decoupled = amsgrad = False
 
     return GroupOptions(
         kind=kind, levels=levels, lr=float(lr), lr_scale=float(scale), final_lr=float(final_lr),
         weight_decay=float(group["weight_decay"]), decoupled_weight_decay=bool(decoupled),
         maximize=bool(group["maximize"]), momentum=float(momentum),
         dampening=float(dampening), nesterov=bool(nesterov), beta1=float(beta1),
-        beta2=float(beta2), eps=float(eps), hypergrad_lr=beta, combination_lr=float(delta),
+        beta2=float(beta2), eps=float(eps), amsgrad=bool(amsgrad), hypergrad_lr=beta, combination_lr=float(delta),
         rule=rule, scaling=scaling, shrinkage=shrinkage, parents=parents,
         rate_bounds=bounds, hd_decay=float(group["hd_decay"]),
         skip_nonfinite=bool(group["skip_nonfinite"]), init_weights=init,

@@ -99,10 +99,15 @@ def _adam_direction(m, v, step: float, opts: GroupOptions) -> torch.Tensor:
     return m_hat / (torch.sqrt(v_hat) + opts.eps)
 
 
+def _second_moment(st: dict, opts: GroupOptions) -> torch.Tensor:
+    """What Adam's u divides by: v, or with amsgrad its running maximum vmax."""
+    return st["max_exp_avg_sq"] if opts.amsgrad else st["exp_avg_sq"]
+
+
 def _previous_direction(st: dict, opts: GroupOptions) -> torch.Tensor:
     """u_prev: the base direction of the parameter's most recent step (0 if none)."""
     if opts.kind == "adam":
-        return _adam_direction(st["exp_avg"], st["exp_avg_sq"], float(st["step"]), opts)
+        return _adam_direction(st["exp_avg"], _second_moment(st, opts), float(st["step"]), opts)
     if opts.stores_direction:
         return st["prev_direction"]
     return st["momentum_buffer"]
@@ -115,7 +120,9 @@ def _advance_direction(g, st: dict, opts: GroupOptions) -> torch.Tensor:
     if opts.kind == "adam":
         st["exp_avg"].mul_(opts.beta1).add_(g, alpha=1 - opts.beta1)
         st["exp_avg_sq"].mul_(opts.beta2).addcmul_(g, g, value=1 - opts.beta2)
-        return _adam_direction(st["exp_avg"], st["exp_avg_sq"], step, opts)
+        if opts.amsgrad:  # the maximum of the raw v, before bias correction (torch.optim.Adam)
+            torch.maximum(st["max_exp_avg_sq"], st["exp_avg_sq"], out=st["max_exp_avg_sq"])
+        return _adam_direction(st["exp_avg"], _second_moment(st, opts), step, opts)
     u = g
     if opts.momentum != 0:
         buf = st["momentum_buffer"]

@@ -3,6 +3,7 @@
 Per parameter (`optimizer.state[p]`, created at the parameter's first step with a gradient):
   "step"            float32 0-d: the parameter's own step count (as torch.optim keeps it)
   "exp_avg", "exp_avg_sq"   Adam moments
+  "max_exp_avg_sq"          Adam with amsgrad: the running maximum of exp_avg_sq
   "momentum_buffer"         SGD with momentum
   "prev_direction"          SGD when u_prev cannot be recomputed (no momentum, or Nesterov)
   "param_rate"              the param level's rates, shaped like p
@@ -98,6 +99,8 @@ def new_param_state(p: torch.Tensor, opts: GroupOptions) -> dict:
     state = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
     if opts.kind == "adam":
         state["exp_avg"], state["exp_avg_sq"] = zeros(), zeros()
+        if opts.amsgrad:
+            state["max_exp_avg_sq"] = zeros()
     else:
         if opts.momentum != 0:
             state["momentum_buffer"] = zeros()

@@ -110,6 +110,11 @@ OPTION_CASES = [
     C("adam-bounds-lohi", "Adam", rate_bounds=(0.009, 0.0105), hypergrad_lr=3e-5),
     C("adam-hd-decay", "Adam", hd_decay=0.2, final_lr=0.003),
     C("adam-init-weights", "Adam", levels=("layer", "global"), init_weights=(3.0, 1.0)),
+    # a short beta2 lets v fall after a large gradient, so vmax > v binds (test_amsgrad_cases_bind);
+    # the param level reads u_prev inside the fused pass, the coarse ones in the reduction
+    C("adam-amsgrad", "Adam", amsgrad=True, levels=ALL_LEVELS, init_weights=(1, 2, 3, 4), betas=(0.9, 0.9)),
+    C("adam-amsgrad-mult", "Adam", amsgrad=True, hypergrad_rule="multiplicative", hypergrad_lr=0.05,
+      combination_lr=2.0, levels=ALL_LEVELS, init_weights=(1, 2, 3, 4), betas=(0.8, 0.9)),
     # ---------------------------------------------------------------- AdamW
     C("adamw-default", "AdamW", bf16=True),
     C("adamw-class-default-wd", "AdamW", weight_decay=1e-2),
@@ -118,6 +123,7 @@ OPTION_CASES = [
       hypergrad_lr=0.05, combination_lr=2.0),
     C("adamw-hd-decay-shrink", "AdamW", hd_decay=0.1, final_lr=0.005, levels=ALL_LEVELS,
       shrinkage={"unit": 0.3}, init_weights=(1, 2, 3, 4)),
+    C("adamw-amsgrad", "AdamW", amsgrad=True, betas=(0.8, 0.8), bf16=True),
 ]
 
 # every option case name must be unique
@@ -146,4 +152,5 @@ SUBSET_CASES = subset_cases()
 
 # a handful that slow backends run
 LIGHT_CASE_NAMES = {"sgd-default", "sgd-nesterov", "adam-default", "adamw-default",
-                    "sgd-multiplicative", "sgd-shrink-all", "sgd-bounds-lohi", "adam-hd-decay"}
+                    "sgd-multiplicative", "sgd-shrink-all", "sgd-bounds-lohi", "adam-hd-decay",
+                    "adam-amsgrad"}

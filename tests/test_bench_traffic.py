@@ -12,6 +12,7 @@ SGDN = {"momentum": 0.9, "nesterov": True}
 
 @pytest.mark.parametrize("family, opts, per_elem", [
     ("adam", ADAM, 28), ("sgd", {}, 12), ("sgd", {"momentum": 0.9}, 20), ("sgd", SGDN, 20),
+    ("adam", {"amsgrad": True}, 36),
 ])
 def test_torch_optim(family, opts, per_elem):
     assert min_bytes(family, opts, None, SHAPES, torch.float32) == N * per_elem
@@ -30,6 +31,8 @@ def test_torch_optim(family, opts, per_elem):
     # coupled weight decay: the reduction also reads p
     ("adam", {"weight_decay": 1e-4}, ("global",), 44, 16),
     ("adam", {"weight_decay": 1e-2, "decoupled_weight_decay": True}, ("global",), 40, 16),
+    # amsgrad: the reduction reads g, m, vmax; the step moves vmax too
+    ("adam", {"amsgrad": True}, ("global", "unit"), 48, 16 * (UNITS + 1)),
 ])
 def test_multilevel(family, opts, levels, per_elem, per_group):
     assert min_bytes(family, opts, levels, SHAPES, torch.float32) == N * per_elem + per_group

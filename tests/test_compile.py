@@ -64,8 +64,10 @@ def batch(step):
     return torch.randn(16, 6, generator=gen), torch.randn(16, 3, generator=gen)
 
 
-def make_optimizer(config, model, backend):
+def make_optimizer(config, model, backend, tensor_lr=False):
     cls, kw = CONFIGS[config]
+    if tensor_lr:  # as torch.optim recommends under torch.compile
+        kw = dict(kw, lr=torch.tensor(kw["lr"]))
     return cls(model.parameters(), backend=backend, **kw)
 
 
@@ -87,10 +89,10 @@ def warmup(opt):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1 / (1 + epoch))
 
 
-def trajectory(config, backend, steps, compile_step=None, compile_model=None, scheduler=None):
+def trajectory(config, backend, steps, compile_step=None, compile_model=None, scheduler=None, tensor_lr=False):
     """Snapshots (parameters, every level's rates, weights, effective rates) after each step."""
     model = tiny_model()
-    opt = make_optimizer(config, model, backend)
+    opt = make_optimizer(config, model, backend, tensor_lr)
     sched = scheduler(opt) if scheduler else None
     if compile_model is not None:
         model = torch.compile(model, backend=compile_model)
@@ -147,6 +149,22 @@ def test_compiled_training_step_matches_eager_torch_backend(config):
     compiled = trajectory(config, "torch", 5, compile_step=counter, scheduler=scheduler)
     assert counter.frame_count == (3 if scheduler else 2)
     assert_trajectories_close(compiled, eager, TOL_F32, label=f"compiled {config}")
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpp"] if HAS_CPP else []))
+def test_tensor_lr_under_a_scheduler_never_recompiles(backend):
+    """lr as a 0-d tensor (torch.optim's advice under torch.compile): the scheduler fills it in
+    place and the compiled step reads it as a graph input, so the lr never recompiles step() (a
+    float lr recompiles it at its first change, see above) and it matches the eager run with the same
+    tensor lr, which matches a float lr."""
+    eager = trajectory("adam", backend, 4, scheduler=warmup, tensor_lr=True)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = trajectory("adam", backend, 4, compile_step=counter, scheduler=warmup, tensor_lr=True)
+    # the loss, and step() once (cpp: twice, as without a scheduler: see the README)
+    assert counter.frame_count == {"torch": 2, "cpp": 3}[backend]
+    assert_trajectories_close(compiled, eager, TOL_F32, label=f"compiled, tensor lr, {backend}")
+    assert_trajectories_close(eager, trajectory("adam", backend, 4, scheduler=warmup), TOL_F32,
+                              label=f"tensor lr vs float lr, {backend}")
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="the cpp backend is not available")

@@ -58,10 +58,10 @@ def test_ops_bit_identical_for_any_thread_count():
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            reduce_args, apply_args = _op_args(shapes, param_level=True)
+            reduce_args, apply_args = _op_args(shapes, param_level=True, direction="amsgrad")
             torch.ops.multilevel_hd.reduce(*reduce_args)
             torch.ops.multilevel_hd.apply(*apply_args)
-            outputs.append([*reduce_args[-2:], *[t for ts in apply_args[:6] for t in ts]])
+            outputs.append([*reduce_args[-2:], *[t for ts in apply_args[:7] for t in ts]])
     finally:
         torch.set_num_threads(threads)
     for n, out in zip((2, 3), outputs[1:]):
@@ -133,39 +133,43 @@ def test_float16_matches_reference(name, backend):
                               label=f"{name} {backend} vs reference, float16")
 
 
+@pytest.mark.parametrize("case", ["adam-multiplicative", "adam-amsgrad", "sgd-default"])
 @pytest.mark.parametrize("backend", COMPILED)
-def test_mixed_dtype_group_matches_reference(backend):
-    """float32 and float64 parameters in one group: two buckets, float64 level sums."""
+def test_mixed_dtype_group_matches_reference(backend, case):
+    """float32 and float64 parameters in one group: two buckets, float64 level sums; with
+    and without the optional states (vmax; SGD keeps no momentum buffer)."""
     shapes = (((5, 6), False), ((7,), False), ((4, 3, 2, 2), False))
     runs = {}
     for name in (backend, "reference"):
         ps = make_params(torch.float64, DEVICE if name != "reference" else "cpu", 0, shapes)
         ps[1] = ps[1].detach().float().requires_grad_()
-        opt = opt_class("Adam")(ps, backend=name, **CASES["adam-multiplicative"].kwargs)
+        opt = opt_class(CASES[case].cls)(ps, backend=name, **CASES[case].kwargs)
         runs[name] = run_optimizer(opt, GradFn(shapes), 6)
     assert_trajectories_close(runs[backend], runs["reference"], TOL_F32, label="mixed dtypes")
 
 
 # ------------------------------------------------------------------------------------------
 # the ops
-def _op_args(shapes=((3, 5), (4,)), param_level=False):
-    """Arguments of reduce and apply for an Adam step (float32) on tensors of `shapes`."""
+def _op_args(shapes=((3, 5), (4,)), param_level=False, direction="adam"):
+    """Arguments of reduce and apply for an Adam step (float32, "adam" or "amsgrad") on
+    tensors of `shapes`."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen) for s in shapes]
     grads = [torch.randn(s, generator=gen) for s in shapes]
     m = [0.1 * torch.randn(s, generator=gen) for s in shapes]
     v = [torch.rand(s, generator=gen) for s in shapes]
+    vmax = [x + torch.rand(s, generator=gen) for x, s in zip(v, shapes)] if direction == "amsgrad" else []
     rates = [1e-3 * torch.rand(s, generator=gen) for s in shapes] if param_level else []
     steps = [torch.tensor(3.0) for _ in shapes]
     plan = StepPlan(GroupLayout.of(params), tuple(range(len(params))))
     meta, num_slots = cpp_backend._launch_table(plan.active_layouts, torch.device("cpu"), "cpu")
-    units, ptrs = plan.layout.num_units, 6 * len(params)
+    units, ptrs = plan.layout.num_units, cpp_backend._PTR_FIELDS * len(params)
     tables = (meta, torch.zeros(ptrs, dtype=torch.int64), torch.zeros(ptrs, dtype=torch.int64))
-    lists = (params, grads, m, v, rates, steps)
-    reduce = (*lists, *tables, num_slots, "adam", True, param_level, torch.tensor(1.0), 0.0, 0.9, 0.999, 1e-8,
+    lists = (params, grads, m, v, vmax, rates, steps)
+    reduce = (*lists, *tables, num_slots, direction, True, param_level, torch.tensor(1.0), 0.0, 0.9, 0.999, 1e-8,
               torch.zeros(3, units), torch.zeros(3))
     coef = (torch.tensor(2e-3), torch.tensor(0.05), torch.rand(units, generator=gen)) if param_level else (None,) * 3
-    apply = (*lists, *tables, "adam", torch.tensor(1.0), 0.0, 0.0, 0.9, 0.999, 1e-8, 0.0, 0.0, torch.tensor(1.0),
+    apply = (*lists, *tables, direction, torch.tensor(1.0), 0.0, 0.0, 0.9, 0.999, 1e-8, 0.0, 0.0, torch.tensor(1.0),
              torch.tensor(1.0), torch.full((units,), 1e-3), *coef, True, 0.3, 0.0, math.inf)
     return reduce, apply
 
@@ -181,10 +185,12 @@ def test_op_schemas_are_registered():
 
 
 @needs_cpp
+@pytest.mark.parametrize("direction", ["adam", "amsgrad"])
 @pytest.mark.parametrize("op", ["reduce", "apply"])
-def test_opcheck(op):
-    """Schema annotations match what the op mutates; the fake impl traces (torch.compile)."""
-    args = dict(zip(("reduce", "apply"), _op_args()))[op]
+def test_opcheck(op, direction):
+    """Schema annotations match what the op mutates (amsgrad: state_c too); the fake impl
+    traces (torch.compile)."""
+    args = dict(zip(("reduce", "apply"), _op_args(direction=direction)))[op]
     torch.library.opcheck(getattr(torch.ops.multilevel_hd, op).default, args)
 
 
@@ -198,7 +204,7 @@ def test_ops_under_torch_compile():
 
     run(*eager)
     torch.compile(run, backend="aot_eager", fullgraph=True)(*compiled)
-    for a, b in zip(eager[1][:6], compiled[1][:6]):  # params and state after the step
+    for a, b in zip(eager[1][:7], compiled[1][:7]):  # params and state after the step
         for x, y in zip(a, b):
             assert torch.equal(x, y)
     assert torch.equal(eager[0][-2], compiled[0][-2])  # unit sums

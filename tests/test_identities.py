@@ -148,6 +148,11 @@ TORCH_CASES = [
     ("AdamW", dict(lr=0.01), dict(lr=0.01)),  # both classes' default weight_decay is 1e-2
     ("AdamDecoupled", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
      dict(lr=0.01, weight_decay=0.1)),
+    # beta2 = 0.9: v falls after large gradients, so the maximum binds and any other order
+    # (the maximum of the bias-corrected v, or of v before this step's update) differs
+    ("Adam", dict(lr=0.01, betas=(0.9, 0.9), amsgrad=True), dict(lr=0.01, betas=(0.9, 0.9), amsgrad=True)),
+    ("AdamW", dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1, amsgrad=True),
+     dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1, amsgrad=True)),
 ]
 ML = {"SGD": mlhd.MultiLevelSGD, "Adam": mlhd.MultiLevelAdam, "AdamW": mlhd.MultiLevelAdamW,
       "AdamDecoupled": mlhd.MultiLevelAdam}

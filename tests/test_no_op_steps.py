@@ -36,6 +36,7 @@ BASES = {
     "sgd-nesterov": ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
     "adam": ("Adam", dict(lr=0.01)),
     "adamw": ("AdamW", dict(lr=0.01)),
+    "adam-amsgrad": ("Adam", dict(lr=0.01, amsgrad=True)),
 }
 POISONED = 2  # the gradient that holds the NaN or Inf (a 2-D tensor in every shape set)
 

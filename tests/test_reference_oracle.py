@@ -92,6 +92,16 @@ def test_bounds_cases_bind():
             assert min(float(r.min()) for r in rs) == lo, name
 
 
+@pytest.mark.parametrize("case", [c for c in OPTION_CASES if c.kwargs.get("amsgrad")], ids=str)
+def test_amsgrad_cases_bind(case):
+    """In the amsgrad cases the running maximum binds (vmax > v somewhere), so their
+    comparisons test it: amsgrad=False gives another trajectory."""
+    on, _ = run_case_oracle(case)
+    off, _ = run_case_oracle(case, extra=dict(amsgrad=False))
+    d = max(float((a - b).abs().max()) for a, b in zip(on[-1]["params"], off[-1]["params"]) if a.numel())
+    assert d > 1e-4, f"{case.name}: amsgrad changes the parameters by only {d:.1e}"
+
+
 def test_shrinkage_on_global_is_a_no_op():
     """SPEC 2.4: a level without a parent is not shrunk (global never has one; nor does the
     coarsest active level)."""

@@ -189,6 +189,7 @@ def resolve_options(kind: str, opts: Dict[str, Any]) -> Dict[str, Any]:
         o.setdefault("lr", 1e-3)
         o.setdefault("betas", (0.9, 0.999))
         o.setdefault("eps", 1e-8)
+        o.setdefault("amsgrad", False)
         if kind == "adamw":
             o.setdefault("weight_decay", 1e-2)
             o.setdefault("decoupled_weight_decay", True)
@@ -275,9 +276,11 @@ class OracleGroup:
             st["v"] = torch.zeros_like(g)
         st["m"] = b1 * st["m"] + (1 - b1) * g
         st["v"] = b2 * st["v"] + (1 - b2) * g * g
+        if o["amsgrad"]:  # SPEC 3: vmax = max(vmax, v) replaces v
+            st["vmax"] = torch.maximum(st.get("vmax", st["v"]), st["v"])
         s = st["step"]
         mhat = st["m"] / (1 - b1 ** s)
-        vhat = st["v"] / (1 - b2 ** s)
+        vhat = st["vmax" if o["amsgrad"] else "v"] / (1 - b2 ** s)
         return mhat / (vhat.sqrt() + o["eps"])
 
     # ---------------------------------------------------------------- one step
@@ -483,10 +486,15 @@ def opt_snapshot(opt):
                 skipped=list(opt.skipped_steps()))
 
 
-def run_optimizer(opt, gradfn: GradFn, steps: int, start: int = 0, scheduler=None):
+def params_snapshot(opt):
+    """What ``run_optimizer`` can record of any torch.optim optimizer: its parameters."""
+    return dict(params=[_f64(p) for g in opt.param_groups for p in g["params"]])
+
+
+def run_optimizer(opt, gradfn: GradFn, steps: int, start: int = 0, scheduler=None, snapshot=opt_snapshot):
     """Step ``opt`` ``steps`` times; gradient of step s is ``gradfn.grad(s, i, p)`` with i the
     parameter's index over all groups; an LR ``scheduler`` steps after each optimizer step.
-    Returns the list of per-step snapshots."""
+    Returns the list of per-step snapshots (``params_snapshot`` for a torch.optim optimizer)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     snaps = []
     for s in range(start, start + steps):
@@ -495,7 +503,7 @@ def run_optimizer(opt, gradfn: GradFn, steps: int, start: int = 0, scheduler=Non
         opt.step()
         if scheduler is not None:
             scheduler.step()
-        snaps.append(opt_snapshot(opt))
+        snaps.append(snapshot(opt))
     return snaps
 
 

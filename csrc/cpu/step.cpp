@@ -143,7 +143,7 @@ MLHD_VECTOR_CLONES void apply_chunks(const ApplyArgs& a, const Coef<math_t<S>> k
     if (t[kRowLen] == 1) {  // one element per unit: one loop, with the unit's rate per element
       MLHD_INDEPENDENT for (int64_t e = chunk[kSegBegin]; e < chunk[kSegEnd]; ++e) {
         const UnitCoef<T> u(a, t[kUnitOffset] + e);
-        apply_element<D, PARAM>(e, at.p, at.g, at.a, at.b, at.rate, u.kappa, u.parent, k, sc, at.step);
+        apply_element<D, PARAM>(e, at.p, at.g, at.a, at.b, at.c, at.rate, u.kappa, u.parent, k, sc, at.step);
       }
       continue;
     }
@@ -151,7 +151,7 @@ MLHD_VECTOR_CLONES void apply_chunks(const ApplyArgs& a, const Coef<math_t<S>> k
       const Segment seg = segment(t, s);
       const UnitCoef<T> u(a, seg.unit);
       MLHD_INDEPENDENT for (int64_t e = seg.begin; e < seg.end; ++e)
-        apply_element<D, PARAM>(e, at.p, at.g, at.a, at.b, at.rate, u.kappa, u.parent, k, sc, at.step);
+        apply_element<D, PARAM>(e, at.p, at.g, at.a, at.b, at.c, at.rate, u.kappa, u.parent, k, sc, at.step);
     }
   }
 }

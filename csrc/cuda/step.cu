@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(ApplyArgs a) {
   if (t[kRowLen] == 1) {  // one element per unit: a thread per element, with its unit's rate
     for (int64_t e = chunk[kSegBegin] + threadIdx.x; e < chunk[kSegEnd]; e += kThreads) {
       const UnitCoef<T> u(a, t[kUnitOffset] + e);
-      apply_element<D, PARAM>(e, at.p, at.g, at.a, at.b, at.rate, u.kappa, u.parent, k, sc, at.step);
+      apply_element<D, PARAM>(e, at.p, at.g, at.a, at.b, at.c, at.rate, u.kappa, u.parent, k, sc, at.step);
     }
     return;
   }
@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(ApplyArgs a) {
     const Segment seg = segment(t, s);
     const UnitCoef<T> u(a, seg.unit);
     for (int64_t e = seg.begin + threadIdx.x % kWarp; e < seg.end; e += kWarp)
-      apply_element<D, PARAM>(e, at.p, at.g, at.a, at.b, at.rate, u.kappa, u.parent, k, sc, at.step);
+      apply_element<D, PARAM>(e, at.p, at.g, at.a, at.b, at.c, at.rate, u.kappa, u.parent, k, sc, at.step);
   }
 }
 

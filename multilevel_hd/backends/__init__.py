@@ -23,6 +23,13 @@ _MODULES = {
 _PLANNED = ()
 # "auto" tries these in order for a device type; the pure-PyTorch backend runs anywhere.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+# torch.optim's implementation flags, mapped onto these backends: `fused=True` asks for
+# compiled kernels (one pass over all tensors), `fused=False` or `foreach=False` for plain
+# PyTorch operations in a loop over the tensors (torch.optim's for-loop implementation);
+# `foreach=True` leaves the choice to "auto" (every backend it picks steps a group's tensors
+# together).
+FUSED = ("triton", "cuda", "cpp")
+UNFUSED = ("torch", "reference")
 
 
 _LOADED: dict = {}  # name -> imported backend module
@@ -48,17 +55,36 @@ def available_backends(device) -> list[str]:
     return [name for name in _MODULES if unavailable_reason(name, device) is None]
 
 
-def resolve_backend(name: str, device) -> str:
-    """The concrete backend for a group's `backend` option on `device` (cached once found:
-    whether a backend can run on a device does not change within a process)."""
+def check_flags(name: str, fused, foreach) -> None:
+    """Refuse torch.optim flags that contradict a group's `backend` option."""
+    if fused and foreach:  # torch.optim's own error
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if fused and name in UNFUSED:
+        raise ValueError(f"fused=True asks for a fused backend ({', '.join(FUSED)}), not backend={name!r}")
+    if (fused is False or foreach is False) and name in FUSED:
+        flag = "fused" if fused is False else "foreach"
+        raise ValueError(f"{flag}=False asks for the 'torch' backend, not backend={name!r}")
+
+
+def resolve_backend(name: str, device, fused=None, foreach=None) -> str:
+    """The concrete backend for a group's `backend` option and torch.optim flags (`fused`,
+    `foreach`: see FUSED) on `device` (cached once found: whether a backend can run on a
+    device does not change within a process)."""
     device = torch.device(device)
-    key = (name, device.type, device.index)
+    key = (name, device.type, device.index, fused, foreach)
     found = _RESOLVED.get(key)
     if found is not None:
         return found
     if name == "auto":
         order = _AUTO_ORDER.get(device.type, ("torch",))
-        found = next(n for n in order if unavailable_reason(n, device) is None)
+        if fused:
+            order = tuple(n for n in order if n in FUSED) or FUSED  # (then each says why it cannot run)
+        elif fused is False or foreach is False:
+            order = ("torch",)
+        found = next((n for n in order if unavailable_reason(n, device) is None), None)
+        if found is None:  # only fused=True can leave nothing: say why each one cannot run
+            reasons = "; ".join(f"{n}: {unavailable_reason(n, device)}" for n in order)
+            raise RuntimeError(f"fused=True: no fused backend can run on {device} ({reasons})")
     else:
         reason = unavailable_reason(name, device)
         if reason is not None:

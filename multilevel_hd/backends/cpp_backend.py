@@ -35,7 +35,7 @@ name = "cpp"
 # its 8 warps one segment at a time, so tensors of short rows get more, smaller blocks.
 # (Rows of one element are not cut into segments: both devices walk them as plain arrays.)
 _CHUNKING = {"cpu": (16384, 16384, 16384), "cuda": (16384, 2048, 64)}
-_PTR_FIELDS = 6  # pointers per tensor in the ops' pointer table (kPtrFields, csrc/common.h)
+_PTR_FIELDS = 7  # pointers per tensor in the ops' pointer table (kPtrFields, csrc/common.h)
 
 
 def unavailable_reason(device):
@@ -99,7 +99,9 @@ def _buckets(job: GroupJob, device, geometry: str) -> list[_Bucket]:
 
 
 def _pick(items: list, index):
-    return items if index is None else [items[i] for i in index]
+    """The bucket's part of a per-tensor list; an empty list (a state the configuration does
+    not keep) stays empty."""
+    return items if index is None or not items else [items[i] for i in index]
 
 
 def _as(t, dtype):
@@ -166,8 +168,9 @@ def run_step(job: GroupJob, ops, geometry: str) -> None:
     hypergrad_sums = opts.multi_level or "param" not in opts.levels  # else nothing needs S
     param_level = "param" in opts.levels
     states = job.states
+    state_c = [st["max_exp_avg_sq"] for st in states] if opts.amsgrad else []
     if opts.kind == "adam":
-        direction = "adam"
+        direction = "amsgrad" if opts.amsgrad else "adam"
         state_a, state_b = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
     else:
         direction = "sgd" if opts.momentum == 0 else "nesterov" if opts.nesterov else "momentum"
@@ -179,7 +182,8 @@ def run_step(job: GroupJob, ops, geometry: str) -> None:
     decoupled = opts.weight_decay if opts.decoupled_weight_decay else 0.0
 
     buckets = _buckets(job, device, geometry)
-    lists = [[_pick(x, b.index) for x in (job.params, job.grads, state_a, state_b, rates, steps)] for b in buckets]
+    lists = [[_pick(x, b.index) for x in (job.params, job.grads, state_a, state_b, state_c, rates, steps)]
+             for b in buckets]
     # (-1 if maximize) / GradScaler's scale, in each bucket's math dtype: both passes multiply
     # the raw gradient by it as they read it
     factors = {dtype: job.grad_factor(dtype) for dtype in dict.fromkeys(b.math for b in buckets)}

@@ -134,11 +134,11 @@ def _effective_grad(p, grad, job: GroupJob) -> torch.Tensor:
 
 
 def _adam_direction(m, v, step, opts: GroupOptions):
-    """Adam's u = x * scale: x = m / (sqrt(v) / sqrt(1 - b2^s) + eps), scale = 1 / (1 - b1^s),
-    s = max(step, 1) (a parameter that never stepped has m = v = 0, hence u = 0). The
-    per-tensor scale is left to the caller, who applies it to something smaller than x.
-    The bias corrections are taken in float64, as torch.optim.Adam takes them on the host:
-    in float32, 1 - 0.999**s is off by 1.3e-5 (0.999 itself rounds)."""
+    """Adam's u = x * scale: x = m / (sqrt(v) / sqrt(1 - b2^s) + eps) (amsgrad: v is vmax),
+    scale = 1 / (1 - b1^s), s = max(step, 1) (a parameter that never stepped has m = v = 0,
+    hence u = 0). The per-tensor scale is left to the caller, who applies it to something
+    smaller than x. The bias corrections are taken in float64, as torch.optim.Adam takes them
+    on the host: in float32, 1 - 0.999**s is off by 1.3e-5 (0.999 itself rounds)."""
     s = step.to(torch.float64).clamp(min=1)
     x = torch.sqrt(v, out=_scratch("x", m))
     torch.addcmul(torch.full((), opts.eps, dtype=m.dtype, device=m.device), x,
@@ -149,7 +149,7 @@ def _adam_direction(m, v, step, opts: GroupOptions):
 def _previous_direction(st: dict, opts: GroupOptions):
     """u_prev as (x, scale) with u_prev = x * scale; scale None means 1."""
     if opts.kind == "adam":
-        return _adam_direction(st["exp_avg"], st["exp_avg_sq"], st["step"], opts)
+        return _adam_direction(st["exp_avg"], st["max_exp_avg_sq" if opts.amsgrad else "exp_avg_sq"], st["step"], opts)
     return st["prev_direction" if opts.stores_direction else "momentum_buffer"], None
 
 
@@ -170,6 +170,8 @@ def _step_direction(p, g, st: dict, opts: GroupOptions, proceeds, kappa, kappa_i
         v = torch.mul(g, g, out=_scratch("exp_avg_sq", g))
         v = torch.lerp(st["exp_avg_sq"], v, 1 - opts.beta2, out=v)
         new_state.update(exp_avg=m, exp_avg_sq=v)
+        if opts.amsgrad:  # the maximum of the raw v, after this step's update (torch.optim.Adam)
+            v = new_state["max_exp_avg_sq"] = torch.maximum(st["max_exp_avg_sq"], v, out=_scratch("max_exp_avg_sq", g))
         u, scale = _adam_direction(m, v, step, opts)
         kappa = kappa.mul_(scale) if kappa_is_scratch else kappa * scale
     else:

@@ -265,7 +265,7 @@ def _apply(job: GroupJob, tables, coeffs: StepCoefficients) -> int:
             opts.momentum, opts.dampening, opts.shrinkage.get("param", 0.0),
             0.0 if lo is None else float(lo), 0.0 if hi is None else float(hi),  # float32, also for ints
             **_common_switches(job, tables, bucket),
-            MOMENTUM=opts.momentum != 0, NESTEROV=opts.nesterov,
+            AMSGRAD=opts.amsgrad, MOMENTUM=opts.momentum != 0, NESTEROV=opts.nesterov,
             DECOUPLED_WD=opts.decoupled_weight_decay and opts.weight_decay > 0,
             HAS_PARAM=has_param, SHRINK=shrink, CLAMP_LO=lo is not None, CLAMP_HI=hi is not None,
             PER_UNIT=kappa_stride != 0 or parent_stride != 0, num_warps=tables_module.step.STEP_WARPS,

@@ -53,7 +53,7 @@ common, reduce, step = _import_kernels()
 NUM_ROLES = common.NUM_ROLES
 ROLE_PARAM, ROLE_GRAD = common.ROLE_PARAM.value, common.ROLE_GRAD.value
 ROLE_STATE1, ROLE_STATE2 = common.ROLE_STATE1.value, common.ROLE_STATE2.value
-ROLE_RATE, ROLE_STEP = common.ROLE_RATE.value, common.ROLE_STEP.value
+ROLE_RATE, ROLE_STEP, ROLE_STATE3 = common.ROLE_RATE.value, common.ROLE_STEP.value, common.ROLE_STATE3.value
 _TILE_COLUMNS = {
     reduce.CLASS_NARROW.value: reduce.NARROW.value,
     reduce.CLASS_WIDE.value: reduce.WIDE.value,
@@ -67,7 +67,9 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 
 def state_keys(opts: GroupOptions) -> dict:
     """The state tensor each role reads and writes ({role: key}; absent roles unused)."""
-    if opts.kind == "adam":
+    if opts.kind == "adam" and opts.amsgrad:  # STATE2 holds what u divides by (kernels/common.py)
+        keys = {ROLE_STATE1: "exp_avg", ROLE_STATE2: "max_exp_avg_sq", ROLE_STATE3: "exp_avg_sq"}
+    elif opts.kind == "adam":
         keys = {ROLE_STATE1: "exp_avg", ROLE_STATE2: "exp_avg_sq"}
     elif opts.momentum == 0:
         keys = {ROLE_STATE1: "prev_direction"}
@@ -240,7 +242,8 @@ class GroupTables:
 
 
 _ROLE_NAMES = {ROLE_PARAM: "parameter", ROLE_GRAD: "gradient", ROLE_STATE1: "optimizer state",
-               ROLE_STATE2: "optimizer state", ROLE_RATE: "param_rate", ROLE_STEP: "step count"}
+               ROLE_STATE2: "optimizer state", ROLE_RATE: "param_rate", ROLE_STEP: "step count",
+               ROLE_STATE3: "optimizer state"}
 
 
 def _capturing(device: torch.device) -> bool:
