@@ -128,13 +128,21 @@ def test_goes_right_direction(backend, name, mode, contiguous):
     parameters are the twin's."""
     inputs = SPECS[name].inputs[:1] if backend == "triton" else SPECS[name].inputs
     for kw in inputs:
-        w, b = weight_bias(contiguous)
-        first, last = train(make(name, backend, mode, [w, b], **kw), w, b)
-        assert last > first if kw.get("maximize") else last < first, kw
-        if mode == "twin":
-            v, c = weight_bias(contiguous)
-            train(SPECS[name].twin([v, c], **kw), v, c)
-            torch.testing.assert_close((w, b), (v, c), **F32)
+        assert_right_direction(name, backend, mode, kw, contiguous=contiguous)
+
+
+def assert_right_direction(name, backend, mode, kw, contiguous=True, schedulers=()):
+    """20 steps with options `kw` (under `schedulers`) lower the loss, or raise it with
+    maximize; in twin mode the parameters are those of the twin under the same schedulers."""
+    w, b = weight_bias(contiguous)
+    opt = make(name, backend, mode, [w, b], **kw)
+    first, last = train(opt, w, b, schedulers=[s(opt) for s in schedulers])
+    assert last > first if kw.get("maximize") else last < first, kw
+    if mode == "twin":
+        v, c = weight_bias(contiguous)
+        twin = SPECS[name].twin([v, c], **kw)
+        train(twin, v, c, schedulers=[s(twin) for s in schedulers])
+        torch.testing.assert_close((w, b), (v, c), **F32)
 
 
 @every
@@ -143,15 +151,7 @@ def test_goes_right_direction(backend, name, mode, contiguous):
 def test_goes_right_direction_with_lr_schedulers(backend, name, mode):
     for schedulers in SPECS[name].schedulers:
         for kw in SPECS[name].inputs:
-            w, b = weight_bias()
-            opt = make(name, backend, mode, [w, b], **kw)
-            first, last = train(opt, w, b, schedulers=[s(opt) for s in schedulers])
-            assert last > first if kw.get("maximize") else last < first, kw
-            if mode == "twin":
-                v, c = weight_bias()
-                twin = SPECS[name].twin([v, c], **kw)
-                train(twin, v, c, schedulers=[s(twin) for s in schedulers])
-                torch.testing.assert_close((w, b), (v, c), **F32)
+            assert_right_direction(name, backend, mode, kw, schedulers=schedulers)
 
 
 @every
