@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -91,8 +92,19 @@ def has_cuda_kernels() -> bool:
     return load_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key("multilevel_hd::reduce", "CUDA")
 
 
+def _installed_build() -> bool:
+    return importlib.util.find_spec("multilevel_hd._C") is not None
+
+
+def without_cuda_kernels_reason() -> str:
+    """Why the loaded library has no CUDA kernels."""
+    if _installed_build():
+        return "the installed multilevel_hd._C was built without them (rebuild it where nvcc is found)"
+    return cuda_decision()[1]
+
+
 def _load() -> None:
-    if importlib.util.find_spec("multilevel_hd._C") is not None:
+    if _installed_build():
         importlib.import_module("multilevel_hd._C")
         return
     with_cuda, why = cuda_decision()
@@ -135,19 +147,36 @@ def _build(name: str, sources, cflags: list[str], flavour: str, ldflags: list[st
         raise _build_error(name, build_dir, str(err)) from err
 
 
-LOG_TAIL = 12  # lines of a failed build's output that its error message quotes
+LOG_TAIL = 12  # lines of a failed build's compiler output that its error message quotes
+_NINJA_LINE = re.compile(r"(Error building extension '[^']*': )?\[\d+/\d+\] |ninja: ")
 
 
 def _build_error(name: str, build_dir: str, output: str) -> BuildError:
-    """Keeps a failed build's whole output in build.log; the error quotes its last lines (the
-    compiler's or linker's message; ninja's closing line left out)."""
+    """Keeps a failed build's whole output in build.log; the error quotes the last lines of
+    what the compiler or linker said (`_compiler_lines`)."""
     log = os.path.join(build_dir, "build.log")
     with open(log, "w", encoding="utf-8") as f:
         f.write(output)
-    lines = [line for line in output.splitlines()
-             if line.strip() and not line.startswith("ninja: build stopped")]
-    tail = "\n".join("    " + line for line in lines[-LOG_TAIL:])
-    return BuildError(f"compiling {name} failed (whole output: {log}); its last lines:\n{tail}")
+    tail = "\n".join("    " + line for line in _compiler_lines(output)[-LOG_TAIL:])
+    return BuildError(f"compiling {name} failed (whole output: {log}); the compiler's last lines:\n{tail}")
+
+
+def _compiler_lines(output: str) -> list[str]:
+    """ninja's output without its own lines: for each step that failed, its `FAILED:` line and
+    what the compiler said, not the command (a screenful of flags) nor the other steps'
+    progress lines; everything but ninja's lines where no step is marked failed."""
+    kept, failed, command = [], False, False
+    for line in output.splitlines():
+        if line.startswith("FAILED:"):
+            kept.append(line)
+            failed = command = True
+        elif _NINJA_LINE.match(line):
+            failed = False
+        elif failed and command:
+            command = False
+        elif failed and line.strip():
+            kept.append(line)
+    return kept or [line for line in output.splitlines() if line.strip() and not _NINJA_LINE.match(line)]
 
 
 def _copy_sources(build_dir: str) -> str:

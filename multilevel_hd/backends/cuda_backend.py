@@ -1,5 +1,6 @@
 """The compiled backend on CUDA tensors: the same ops as "cpp" (cpp_backend.py), whose
-CUDA kernels (csrc/cuda/) are built when torch has CUDA and nvcc is found.
+CUDA kernels (csrc/cuda/) are built where they can be (torch has CUDA, nvcc of its major
+version is found, and a GPU is visible or TORCH_CUDA_ARCH_LIST names the architectures).
 
 With MLHD_CUDA_ON_CPU=1 set before import, "cuda" also runs CPU tensors, through those very
 kernels compiled over a CPU emulation of CUDA (csrc/cuda_on_cpu/emulation.h): the counterpart
@@ -26,7 +27,7 @@ def unavailable_reason(device):
         return "torch cannot use CUDA here (a CPU-only torch build, or no GPU)"
     reason = _extension.load_error()
     if reason is None and not _extension.has_cuda_kernels():
-        return "the C++ extension was built without CUDA kernels (nvcc was not found when it was compiled)"
+        return f"the C++ extension was built without CUDA kernels: {_extension.without_cuda_kernels_reason()}"
     return reason
 
 
