@@ -99,7 +99,8 @@ def _installed_build() -> bool:
 def without_cuda_kernels_reason() -> str:
     """Why the loaded library has no CUDA kernels."""
     if _installed_build():
-        return "the installed multilevel_hd._C was built without them (rebuild it where nvcc is found)"
+        return ("the installed multilevel_hd._C was built without them (where torch had no CUDA, nvcc was not "
+                "found, or neither a GPU was visible nor TORCH_CUDA_ARCH_LIST set)")
     return cuda_decision()[1]
 
 
