@@ -38,13 +38,12 @@ trajectories = []
 for backend in ("cpp", "reference"):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape, dtype=torch.float64)) for shape in ((5, 3), (4,))]
-    opt = mlhd.MultiLevelAdam(params, lr=0.01, backend=backend)
+    opt = mlhd.MultiLevelAdam(params, lr=0.01, backend=backend)  # "cpp": a RuntimeError if it cannot run
     for _ in range(3):
         for p in params:
             p.grad = p.detach() * 0.5 + 0.1
         opt.step()
     trajectories.append(torch.cat([p.detach().flatten() for p in params]))
-assert opt.backends() == ["reference"] and mlhd.MultiLevelAdam(params, backend="cpp").backends() == ["cpp"]
 torch.testing.assert_close(trajectories[0], trajectories[1], rtol=1e-10, atol=1e-12)
 print("stepped cpp from", _csrc.CSRC)
 """
