@@ -25,6 +25,7 @@ class TensorLayout:
     row_len: int  # elements per unit: numel / units (N_unit for this tensor's units)
     unit_offset: int  # index of the tensor's first unit in the group's flat unit array
     layer: int  # index of the tensor in the group's flat layer array
+    layer_size: int  # N_layer: the whole tensor's numel (more than `numel` for a shard, see fsdp.py)
 
 
 def tensor_units(p: torch.Tensor) -> int:
@@ -49,12 +50,15 @@ class GroupLayout:
     num_units: int
 
     @classmethod
-    def of(cls, params) -> "GroupLayout":
+    def of(cls, params, layer_sizes=None) -> "GroupLayout":
+        """The layout of `params`; `layer_sizes`: each tensor's N_layer when the tensors are
+        dim-0 shards of larger ones (default: their own numel)."""
         tensors, offset = [], 0
         for layer, p in enumerate(params):
             units = tensor_units(p)
             row_len = p.numel() // units if units else 0
-            tensors.append(TensorLayout(p.numel(), units, row_len, offset, layer))
+            size = p.numel() if layer_sizes is None else layer_sizes[layer]
+            tensors.append(TensorLayout(p.numel(), units, row_len, offset, layer, size))
             offset += units
         return cls(tuple(tensors), offset)
 
@@ -71,15 +75,20 @@ class StepPlan:
     `active` lists the indices (in group order) of the parameters that take part in this
     step; N is the number of their elements. Device tensors derived from the plan (masks,
     per-unit sizes, a backend's launch tables) are made once per plan through `cached`.
+    `layers`: the tensors whose layer rates move, when more than `active` (a shard without
+    rows on this rank still steps its tensor's layer rate, see fsdp.py).
     """
 
     layout: GroupLayout
     active: tuple[int, ...]
+    layers: tuple[int, ...] = None
     num_elements: int = field(init=False)
     _device_cache: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         self.num_elements = sum(self.layout.tensors[i].numel for i in self.active)
+        if self.layers is None:
+            self.layers = self.active
 
     @property
     def active_layouts(self) -> list[TensorLayout]:
@@ -90,7 +99,7 @@ class StepPlan:
         if level == "global":
             return [self.num_elements]
         if level == "layer":
-            return [t.numel for t in self.layout.tensors]
+            return [t.layer_size for t in self.layout.tensors]
         if level == "unit":
             return [t.row_len for t in self.layout.tensors for _ in range(t.units)]
         raise ValueError(f"level {level!r} has one entry per element, not a size table")
@@ -109,6 +118,7 @@ class StepPlan:
         self.layer_mask(device, dtype)
         for level in ("layer", "unit"):
             self.size_scale(level, device, dtype)
+            self.sizes(level, device, dtype)
         self.units_per_layer(device)
         self.first_units(device)
         self.layer_of_unit(device)
@@ -127,10 +137,15 @@ class StepPlan:
     def layer_mask(self, device, dtype) -> torch.Tensor:
         def make():
             mask = torch.zeros(self.layout.num_layers, dtype=dtype)
-            mask[list(self.active)] = 1
+            mask[list(self.layers)] = 1
             return mask.to(device)
 
         return self.cached(("layer_mask", device, dtype), make)
+
+    def sizes(self, level: str, device, dtype) -> torch.Tensor:
+        """N_k[j] of `level` as a device tensor."""
+        return self.cached(("sizes", level, device, dtype),
+                           lambda: torch.tensor(self.level_sizes(level), dtype=dtype, device=device))
 
     def size_scale(self, level: str, device, dtype) -> torch.Tensor:
         """N / N_k[j] for `hypergrad_scaling="size"` (0 where N_k[j] is 0: nothing to update)."""

@@ -104,6 +104,10 @@ def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
     old = {lv: gs[GROUP_RATE_KEYS[lv]].clone() for lv in coarse}
     totals = _group_totals(job, sums, old, level_sum)
 
+    def level_sums(level, name):  # S_k ("s"), Qg_k ("qg") or Qu_k ("qu"); all-reduced ones from totals
+        reduced = totals.get(f"{name}_{level}")
+        return reduced if reduced is not None else level_sum(level, getattr(sums, name))
+
     gate = (totals["bad"] == 0).to(acc)
     gs["skipped"].add_((1 - gate).to(torch.int64))
     gs["step"].add_(gate)
@@ -114,23 +118,24 @@ def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
     # the rate the last step applied, LR scheduler factor included.
     hd_prev = gs["lr_scale"] * torch.exp(-opts.hd_decay * (t - 1))
     w = gs["weights"].clone()  # the old weights: every right-hand side uses them
-    # N / N_k with N counted over every rank of a sharded group
-    n_ratio = totals["n"] / plan.num_elements if "n" in totals else 1.0
+
+    def size_scale(level):  # N / N_k[j], with N counted over every rank of a sharded group
+        if "n" not in totals:
+            return plan.size_scale(level, device, acc)
+        sizes = plan.sizes(level, device, acc)
+        return torch.where(sizes > 0, totals["n"] / sizes.clamp(min=1), 0.0)
 
     hd = {}
     for level in coarse:
         k, beta = k_of[level], opts.hypergrad_lr[level]
-        s = totals["s_global"] if level == "global" else level_sum(level, sums.s)
+        s = level_sums(level, "s")
         if multiplicative:
-            if level == "global":
-                prod = totals["qg_global"] * totals["qu_global"]
-            else:
-                prod = level_sum(level, sums.qg) * level_sum(level, sums.qu)
+            prod = level_sums(level, "qg") * level_sums(level, "qu")
             cos = torch.where(prod > 0, s / prod.sqrt(), 0.0)
             hd[level] = old[level] * (1 + beta * w[k] * cos)
         else:
             sized = opts.scaling == "size" and level != "global"  # global: N / N = 1
-            scale = plan.size_scale(level, device, acc) * n_ratio if sized else 1.0
+            scale = size_scale(level) if sized else 1.0
             hd[level] = old[level] + (beta * hd_prev * w[k]) * scale * s
 
     new = dict(hd)
@@ -178,7 +183,7 @@ def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
         if multiplicative:
             coeffs.param_hd = beta * w[k]
         else:
-            n = plan.num_elements * n_ratio if opts.scaling == "size" else 1
+            n = totals.get("n", plan.num_elements) if opts.scaling == "size" else 1
             coeffs.param_hd = beta * n * hd_prev * w[k]
         if "param" in opts.shrinkage:  # finite even when a bad gradient skips the step
             parent = opts.parents["param"]
@@ -194,6 +199,9 @@ def _group_totals(job: GroupJob, sums: UnitSums, old: dict, level_sum) -> dict:
     With a `sharding_group` each rank holds some of the group's tensors, and these are
     the only quantities of a step that need the others' elements: one all-reduce of one
     small vector makes every rank's rates and weights the same as an unsharded run's.
+    When the ranks hold rows of the same tensors (`job.shards_rows`, FSDP2), the layers'
+    sums "s_layer" (and "qg_layer", "qu_layer") join that vector. ("a_dot_s" and "r_sq"
+    are linear in the sums, so the ranks' local terms add up to the whole group's.)
     """
     opts, gs = job.opts, job.group_state
     device, acc = gs["weights"].device, gs["weights"].dtype
@@ -224,6 +232,10 @@ def _group_totals(job: GroupJob, sums: UnitSums, old: dict, level_sum) -> dict:
     if job.sharding_group is None:
         return totals
     totals["n"] = torch.full((), job.plan.num_elements, dtype=acc, device=device)
+    if job.shards_rows and "layer" in opts.levels:
+        totals["s_layer"] = level_sum("layer", sums.s)
+        if multiplicative:
+            totals["qg_layer"], totals["qu_layer"] = level_sum("layer", sums.qg), level_sum("layer", sums.qu)
     names = list(totals)
     flat = torch.cat([totals[name].reshape(-1) for name in names])
     torch.distributed.all_reduce(flat, group=job.sharding_group)

@@ -14,8 +14,8 @@ import dataclasses
 
 import torch
 
-from . import backends
-from .hierarchy import GroupLayout, StepPlan
+from . import backends, fsdp
+from .hierarchy import StepPlan
 from .options import DEFAULT_LEVELS, check_nonnegative, lr_scale, resolve
 from .reference import applied_rate, rate_view
 from .state import (
@@ -53,6 +53,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         self._options: list = []  # per group: (option key, GroupOptions) of the last step
         self._backends: list = []  # per group: the backend module of the last step
         self._state_levels: list = []  # per group: the levels its state was made for (None: no state yet)
+        self._row_shardings: list = []  # per group: fsdp.RowSharding of DTensor parameters, else None
         # what `_option_key` compares: every option but lr, and the scheduler's base lr. Not
         # torch.optim's implementation flags: no step option depends on them (the backend is
         # resolved afresh at each step), and Dynamo's traced view of the groups sets
@@ -76,6 +77,8 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         groups = len(self.param_groups)
         self._plans, self._options, self._backends = [None] * groups, [None] * groups, [None] * groups
+        # (process groups are not copied: found again from the parameters)
+        self._row_shardings = [fsdp.row_sharding(g["params"], i) for i, g in enumerate(self.param_groups)]
 
     # -- construction ---------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -94,12 +97,17 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"parameters must be floating point, got {p.dtype}")
             resolve(_with_number_lr(group), self._kind)
             _check_torch_optim_flags(group)
+            row_sharding = fsdp.row_sharding(group["params"], len(self.param_groups) - 1)
+            if row_sharding is not None and self.sharding_group is not None:
+                raise ValueError("sharding_group is for whole tensors sharded over ranks (ZeRO); DTensor "
+                                 "parameters (FSDP2) are reduced over their own device mesh: leave it None")
         except (ValueError, TypeError, RuntimeError, NotImplementedError):
             self.param_groups.pop()
             raise
         self.group_states.append(None)
         self._state_levels.append(None)
-        self._layouts.append(GroupLayout.of(group["params"]))
+        self._row_shardings.append(row_sharding)
+        self._layouts.append(fsdp.layout_of(group["params"]))
         self._plans.append(None)
         self._options.append(None)
         self._backends.append(None)
@@ -125,8 +133,14 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             self._init_group(group, index, check_only=True)
         for index, group in enumerate(self.param_groups):
             active = self._init_group(group, index)
-            if active:
-                self._backends[index].step(self._job(index, group, active))
+            if not active:
+                continue
+            job = self._job(index, group)
+            if self._row_shardings[index] is None:
+                self._backends[index].step(job)
+            else:
+                rowless = [self.state[group["params"][j]] for j in active if j not in self._plans[index].active]
+                fsdp.step(self._backends[index], job, rowless)
         return loss
 
     def _init_group(self, group: dict, index: int, check_only: bool = False) -> tuple:
@@ -180,9 +194,11 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                 opts, self._layouts[index], device, group_dtype(params)
             )
             self._state_levels[index] = opts.levels
+        # the backends walk the tensors with rows on this rank (all of them unless sharded)
+        walked = active if self._row_shardings[index] is None else fsdp.with_rows(params, active)
         plan = self._plans[index]
-        if plan is None or plan.active != active:
-            plan = self._plans[index] = StepPlan(self._layouts[index], active)
+        if plan is None or (plan.active, plan.layers) != (walked, active):
+            plan = self._plans[index] = StepPlan(self._layouts[index], walked, active)
             plan.prepare(device, group_state["weights"].dtype)
         for j in active:
             p = params[j]
@@ -213,7 +229,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             self._options[index] = (key, opts)
         return opts
 
-    def _job(self, index: int, group: dict, active: tuple) -> GroupJob:
+    def _job(self, index: int, group: dict) -> GroupJob:
         """What a backend needs for this group's step (the traced part under torch.compile)."""
         key, opts = self._options[index]
         if torch.compiler.is_compiling():
@@ -233,12 +249,16 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                 gs = self.group_states[index]
                 scale = _lr_scale_tensor(group["lr"], opts.lr, gs["step"].device, gs["step"].dtype)
             opts = dataclasses.replace(opts, lr_scale=scale)
-        params = group["params"]
-        stepping = [params[j] for j in active]
-        return GroupJob(opts, self._plans[index], stepping, [p.grad for p in stepping],
-                        [self.state[p] for p in stepping], self.group_states[index],
-                        grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
-                        sharding_group=self.sharding_group)
+        params, plan, rows = group["params"], self._plans[index], self._row_shardings[index]
+        stepping = [params[j] for j in plan.active]
+        job = GroupJob(opts, plan, stepping, [p.grad for p in stepping], [self.state[p] for p in stepping],
+                       self.group_states[index], grad_scale=getattr(self, "grad_scale", None),
+                       found_inf=getattr(self, "found_inf", None), sharding_group=self.sharding_group)
+        if rows is not None:  # DTensor parameters: the backends step the local shards
+            job.params, job.grads = [fsdp.local(p) for p in job.params], [fsdp.local(g) for g in job.grads]
+            job.states = [fsdp.local_state(st) for st in job.states]
+            job.sharding_group, job.shards_rows = rows.group, rows.group is not None
+        return job
 
     # -- inspection -----------------------------------------------------------------
     def backends(self) -> list:
@@ -284,9 +304,11 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     continue
                 entry[level] = []
                 for p, lay in zip(group["params"], self._layouts[index].tensors):
-                    view = rate_view(level, gs, lay, p, self._param_state_or_initial(p, opts))
-                    view = view.reshape(-1) if level == "unit" else view
-                    entry[level].append(view.to(compute_dtype(p.dtype), copy=True))
+                    state = fsdp.local_state(self._param_state_or_initial(p, opts))
+                    view = rate_view(level, gs, lay, fsdp.local(p), state).to(compute_dtype(p.dtype), copy=True)
+                    if level in ("unit", "param"):  # a DTensor parameter's: placed as the parameter
+                        view = fsdp.like_param(view.reshape(-1) if level == "unit" else view, p, level == "unit")
+                    entry[level].append(view)
             out.append(entry)
         return out
 
@@ -297,10 +319,10 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                 if q is p:
                     opts = _resolve(group, self._kind)
                     gs = self._group_state_or_initial(index)
-                    kappa = applied_rate(
-                        opts, gs, self._layouts[index].tensors[j], p, self._param_state_or_initial(p, opts)
-                    )
-                    return torch.as_tensor(kappa, device=p.device).expand(p.shape).clone()
+                    shard = fsdp.local(p)  # (a DTensor parameter's: its kappa is placed as the parameter)
+                    kappa = applied_rate(opts, gs, self._layouts[index].tensors[j], shard,
+                                         fsdp.local_state(self._param_state_or_initial(p, opts)))
+                    return fsdp.like_param(torch.as_tensor(kappa, device=p.device).expand(shard.shape).clone(), p)
         raise ValueError("effective_rate: the tensor is not a parameter of this optimizer")
 
     def skipped_steps(self) -> list[int]:

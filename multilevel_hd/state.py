@@ -124,7 +124,8 @@ class GroupJob:
     `grad_scale` and `found_inf` come from torch.amp.GradScaler (0-d device tensors): the
     grads are `grad_scale` times the true ones, and `found_inf > 0` skips the step.
     `sharding_group`: the process group whose ranks hold the other parts of this param
-    group; the level stage all-reduces the sums that span tensors over it.
+    group; the level stage all-reduces the sums that span tensors over it. `shards_rows`:
+    those parts are rows of the same tensors (FSDP2), so the layers' sums span the ranks too.
     """
 
     opts: GroupOptions
@@ -136,6 +137,7 @@ class GroupJob:
     grad_scale: Optional[torch.Tensor] = None
     found_inf: Optional[torch.Tensor] = None
     sharding_group: Any = None
+    shards_rows: bool = False
     _grad_factors: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def grad_factor(self, dtype) -> torch.Tensor:
