@@ -131,3 +131,41 @@ def like_param(value: torch.Tensor, p, per_unit: bool = False):
     stride = (1,) if per_unit else p.stride()
     return DTensor.from_local(value, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape),
                               stride=stride)
+
+
+# -- state dicts ------------------------------------------------------------------------
+# torch.distributed.checkpoint's get/set_optimizer_state_dict keep only "state" and
+# "param_groups" of an optimizer's state dict, so under FSDP2 each param group's entry
+# carries its group state ("group_state") and the optimizer kind. Its unit rates are one
+# DTensor per parameter, placed as the parameter (a flat array of this rank's rows would
+# be saved once, as if every rank held the same); the rest is the same on every rank.
+_GROUP_STATE, _KIND = "group_state", "optimizer_kind"
+
+
+def checkpoint_form(state_dict: dict, groups: list) -> dict:
+    """An optimizer's `state_dict()` in the form above; `groups` pairs each param group's
+    parameters with its layout."""
+    out = []
+    for saved, gs, (params, layout) in zip(state_dict["param_groups"], state_dict["group_states"], groups):
+        if gs is not None and "rate_unit" in gs:
+            gs = {**gs, "rate_unit": [
+                like_param(gs["rate_unit"][t.unit_offset : t.unit_offset + t.units], p, per_unit=True)
+                for p, t in zip(params, layout.tensors)
+            ]}
+        out.append({**saved, _GROUP_STATE: gs, _KIND: state_dict[_KIND]})
+    return {"state": state_dict["state"], "param_groups": out}
+
+
+def from_checkpoint_form(state_dict: dict) -> dict:
+    """A state dict in the form above back in the optimizer's own form (others as they are)."""
+    groups = state_dict["param_groups"]
+    if _KIND in state_dict or not groups or _GROUP_STATE not in groups[0]:
+        return state_dict
+    group_states = []
+    for group in groups:
+        gs = group[_GROUP_STATE]
+        if gs is not None and "rate_unit" in gs:
+            gs = {**gs, "rate_unit": torch.cat([local(rows) for rows in gs["rate_unit"]])}
+        group_states.append(gs)
+    plain = [{k: v for k, v in group.items() if k not in (_GROUP_STATE, _KIND)} for group in groups]
+    return {**state_dict, "param_groups": plain, _KIND: groups[0][_KIND], "group_states": group_states}

@@ -334,6 +334,8 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["optimizer_kind"] = self._kind
         sd["group_states"] = [None if gs is None else dict(gs) for gs in self.group_states]
+        if any(sharding is not None for sharding in self._row_shardings):  # DTensor parameters (FSDP2)
+            sd = fsdp.checkpoint_form(sd, [(g["params"], lay) for g, lay in zip(self.param_groups, self._layouts)])
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -342,6 +344,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         moments, momentum buffers, max_exp_avg_sq and step counts carry over, its options
         (lr, betas, ...) replace this optimizer's as torch.optim's loading does, and rates and
         weights start afresh at each group's lr."""
+        state_dict = fsdp.from_checkpoint_form(state_dict)
         twin = "optimizer_kind" not in state_dict
         if twin:
             self._check_twin_kind(state_dict)
