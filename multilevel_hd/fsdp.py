@@ -118,8 +118,9 @@ def step(backend, job: GroupJob, rowless_states: list) -> None:
         zero = zeros.new_zeros(())
         update_levels(job, UnitSums(s=zeros, qg=zeros, qu=zeros, param_dot=zero, param_sq=zero,
                                     finite=torch.ones((), dtype=torch.bool, device=zeros.device)))
-    for st in rowless_states:
-        st["step"].add_((gs["step"] - steps_before).to(st["step"].dtype))
+    if rowless_states:  # (one launch, however many)
+        steps = [st["step"] for st in rowless_states]
+        torch._foreach_add_(steps, (gs["step"] - steps_before).to(steps[0].dtype))
 
 
 def like_param(value: torch.Tensor, p, per_unit: bool = False):

@@ -49,6 +49,8 @@ def _cases():
 
 
 CASES = _cases()
+SPLIT_CASES = [("adam", "additive", LEVELS, "cpp"), ("sgdn", "multiplicative", LEVELS, "torch")]
+HSDP_CASES = [("adam", "additive", LEVELS, "torch")]
 SCALER_CASES = [("adam", "additive", LEVELS, backend) for backend in BACKENDS[:2]]
 RESUME_CASES = [("adam", "additive", LEVELS, "cpp"), ("sgdn", "multiplicative", LEVELS, "torch")]
 
@@ -69,6 +71,7 @@ def mlp() -> nn.Module:
 
 
 def sharded_mlp(mesh) -> nn.Module:
+    """`mlp()` with fully_shard on each Linear and the root (HSDP on a 2-D mesh)."""
     from torch.distributed.fsdp import fully_shard
 
     model = mlp()
@@ -78,18 +81,25 @@ def sharded_mlp(mesh) -> nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
+def param_groups(model, split: bool):
+    """The parameters, or with `split` two groups: the last layer (no rows on rank 1) alone."""
+    params = list(model.parameters())
+    return [{"params": params[:4]}, {"params": params[4:]}] if split else params
+
+
 def optimizer(case, params):
     name, rule, levels, backend = case
     cls, kwargs = OPTIMIZERS[name]
     return cls(params, levels=levels, backend=backend, **{**kwargs, **RULES[rule]})
 
 
-def train(case, model, x, y, nan_rank: bool | None = True, scaler=None) -> dict:
+def train(case, model, x, y, nan_rank: bool | None = True, scaler=None, split: bool = False) -> dict:
     """STEPS steps of `case` (a NaN gradient at NAN_STEP if `nan_rank`; None: on no rank); the final
-    parameters, weights, rates and effective rates (DTensors gathered)."""
-    opt = optimizer(case, model.parameters())
+    parameters, weights, rates and effective rates (DTensors gathered). `split`: two param groups."""
+    opt = optimizer(case, param_groups(model, split))
     run(model, opt, x, y, range(STEPS), nan_rank, scaler)
-    assert opt.skipped_steps() == [1 if nan_rank is not None else 0]
+    # (the NaN is in the first group's gradient)
+    assert opt.skipped_steps() == [1 if nan_rank is not None else 0] + [0] * split
     return _results(model, opt)
 
 
@@ -113,11 +123,12 @@ def _full(t):
 
 
 def _results(model, opt) -> dict:
-    rates = opt.rates()[0]
-    out = {"params": [_full(p.detach()).clone() for p in model.parameters()], "weights": [rates["weights"]]}
-    for level in LEVELS:
-        if level in rates:
-            out[level] = [rates[level]] if level == "global" else [_full(r) for r in rates[level]]
+    out = {"params": [_full(p.detach()).clone() for p in model.parameters()], "weights": []}
+    for rates in opt.rates():
+        out["weights"].append(rates["weights"])
+        for level in LEVELS:
+            if level in rates:
+                out.setdefault(level, []).extend([rates[level]] if level == "global" else map(_full, rates[level]))
     out["kappa"] = [_full(opt.effective_rate(p)) for p in model.parameters()]
     out["steps"] = [opt.state[p]["step"] for p in model.parameters()]  # rank 1's rowless ones too
     return out
@@ -126,13 +137,20 @@ def _results(model, opt) -> dict:
 def rank_main(rank: int, world_size: int, checkpoint_dir: str) -> dict:
     """Everything the tests below check, on this rank, in one process group."""
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
 
     mesh = init_device_mesh("cpu", (world_size,))
+    hsdp_mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("replicate", "shard"))
     x, y = batch()
     share = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
     x, y = x[share], y[share]
+    last_layer = list(sharded_mlp(mesh).parameters())[4:]  # what SPLIT_CASES and HSDP_CASES rely on
+    assert all(p.to_local().numel() == 0 for p in last_layer) == (rank == 1)
+    assert list(sharded_mlp(hsdp_mesh).parameters())[0].placements == (Replicate(), Shard(0))
     return {
         "cases": {case: train(case, sharded_mlp(mesh), x, y, nan_rank=rank == 1) for case in CASES},
+        "split": {case: train(case, sharded_mlp(mesh), x, y, nan_rank=rank == 1, split=True) for case in SPLIT_CASES},
+        "hsdp": {case: train(case, sharded_mlp(hsdp_mesh), x, y, nan_rank=rank == 1) for case in HSDP_CASES},
         "scaler": {case: train(case, sharded_mlp(mesh), x, y, nan_rank=None, scaler=torch.amp.GradScaler("cpu"))
                    for case in SCALER_CASES},
         "resume": {case: checkpoint_and_resume(case, mesh, x, y, f"{checkpoint_dir}/{i}")
@@ -166,7 +184,23 @@ def assert_matches(rank0: dict, rank1: dict, single: dict, case) -> None:
             assert max((t / lr - 1).abs().max() for t in tensors) > 1e-3, key
     if len(case[2]) > 1:  # the weights moved, by far more than the tolerance
         initial = optimizer(case, mlp().parameters()).rates()[0]["weights"]
-        assert (single["weights"][0] - initial).abs().max() > 1e-6
+        assert all((w - initial).abs().max() > 1e-6 for w in single["weights"])
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=case_id)
+def test_fsdp_rank_without_rows_in_a_param_group(fsdp_results, case):
+    """The last layer in a param group of its own: rank 1 holds none of its rows, yet joins
+    each step's collective (with zero sums) and keeps the group's rates and weights."""
+    rank0, rank1 = (result["split"][case] for result in fsdp_results)
+    assert_matches(rank0, rank1, train(case, mlp(), *batch(), split=True), case)
+
+
+@pytest.mark.parametrize("case", HSDP_CASES, ids=case_id)
+def test_hsdp_reduces_over_the_shard_dimension(fsdp_results, case):
+    """fully_shard on a 2-D mesh (HSDP): placements (Replicate(), Shard(0)); the sums are
+    reduced over the mesh dimension the rows are sharded along."""
+    rank0, rank1 = (result["hsdp"][case] for result in fsdp_results)
+    assert_matches(rank0, rank1, train(case, mlp(), *batch()), case)
 
 
 @pytest.mark.parametrize("case", SCALER_CASES, ids=case_id)
