@@ -29,8 +29,9 @@ BATCH = 8
 LEVELS = ("global", "layer", "unit", "param")
 SUBSETS = [levels for k in range(1, 5) for levels in itertools.combinations(LEVELS, k)]
 # the compiled backends run the level stage of the torch one for a sharded group (cuda: its
-# kernels emulated on the CPU, MLHD_CUDA_ON_CPU=1); triton falls back to torch for it
+# kernels emulated on the CPU, MLHD_CUDA_ON_CPU=1); triton steps it with the torch backend
 BACKENDS = [b for b in ("torch", "cpp", "cuda") if b in available_backends(torch.device("cpu"))]
+FALLING_BACK = [b for b in ("triton",) if b in available_backends(torch.device("cpu"))]
 OPTIMIZERS = {  # large hyper-gradient rates, so that rates and weights visibly move
     "adam": (mlhd.MultiLevelAdam, dict(lr=1e-2, hypergrad_lr=1e-3)),
     "adamw": (mlhd.MultiLevelAdamW, dict(lr=1e-2, hypergrad_lr=1e-3, weight_decay=0.1)),
@@ -41,10 +42,12 @@ RULES = {"additive": {}, "multiplicative": dict(hypergrad_rule="multiplicative",
 
 def _cases():
     """(optimizer, rule, levels, backend): every level subset and rule with Adam on the torch
-    backend; all four levels with each optimizer, rule and backend."""
+    backend; all four levels with each optimizer, rule and backend (two with triton's fallback)."""
     cases = [("adam", rule, levels, "torch") for rule in RULES for levels in SUBSETS]
     cases += [(name, rule, LEVELS, backend) for name in OPTIMIZERS for rule in RULES for backend in BACKENDS
               if (name, backend) != ("adam", "torch")]
+    cases += [(name, rule, LEVELS, backend) for name, rule in (("adam", "additive"), ("sgdn", "multiplicative"))
+              for backend in FALLING_BACK]
     return cases
 
 
