@@ -81,7 +81,7 @@ class StepPlan:
 
     layout: GroupLayout
     active: tuple[int, ...]
-    layers: tuple[int, ...] = None
+    layers: tuple[int, ...] | None = None
     num_elements: int = field(init=False)
     _device_cache: dict = field(default_factory=dict, init=False, repr=False)
 

@@ -139,8 +139,8 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
             if self._row_shardings[index] is None:
                 self._backends[index].step(job)
             else:
-                rowless = [self.state[group["params"][j]] for j in active if j not in self._plans[index].active]
-                fsdp.step(self._backends[index], job, rowless)
+                rowless = sorted(set(job.plan.layers) - set(job.plan.active))  # no rows on this rank
+                fsdp.step(self._backends[index], job, [self.state[group["params"][j]] for j in rowless])
         return loss
 
     def _init_group(self, group: dict, index: int, check_only: bool = False) -> tuple:
