@@ -14,7 +14,6 @@ import itertools
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -65,7 +64,8 @@ def case_id(case) -> str:
 
 def batch():
     gen = torch.Generator().manual_seed(1)
-    return torch.randn(BATCH, 5, generator=gen, dtype=torch.float64), torch.randn(BATCH, 1, generator=gen, dtype=torch.float64)
+    return (torch.randn(BATCH, 5, generator=gen, dtype=torch.float64),
+            torch.randn(BATCH, 1, generator=gen, dtype=torch.float64))
 
 
 def mlp() -> nn.Module:
@@ -180,7 +180,7 @@ def assert_matches(rank0: dict, rank1: dict, single: dict, case) -> None:
     and the rates and weights moved, so a wrong hyper-gradient sum would show."""
     lr = OPTIMIZERS[case[0]][1]["lr"]
     for key, tensors in single.items():
-        assert all(torch.equal(a, b) for a, b in zip(rank0[key], rank1[key], strict=True)), f"{key} differ between the ranks"
+        assert all(torch.equal(a, b) for a, b in zip(rank0[key], rank1[key], strict=True)), f"{key}: the ranks differ"
         for i, (a, b) in enumerate(zip(rank0[key], tensors, strict=True)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14, msg=lambda m: f"{key}[{i}]: {m}")
         if key in LEVELS:  # the rates moved, so a difference in the hyper-gradients would show
