@@ -50,6 +50,9 @@ setup(
         # python -m bench.train (the digits comparison); Prodigy and schedule-free AdamW
         # join it when installed.
         "examples": ["scikit-learn", "tqdm", "matplotlib", "prodigyopt", "schedulefree"],
+        # tests/test_integrations.py: the training libraries the optimizers drop into, pinned
+        # (their releases change how they drive an optimizer: clipping, checkpoints, AMP)
+        "integrations": ["lightning==2.6.6", "accelerate==1.15.0"],
     },
     **compiled_extension(),
 )
