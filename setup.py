@@ -46,7 +46,8 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        # expecttest: torch.testing._internal (PyTorch's own optimizer error inputs) imports it
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "expecttest"],
         # python -m bench.train (the digits comparison); Prodigy and schedule-free AdamW
         # join it when installed.
         "examples": ["scikit-learn", "tqdm", "matplotlib", "prodigyopt", "schedulefree"],
