@@ -2,8 +2,8 @@
 (bf16-mixed and 16-mixed fits with gradient clipping and accumulation, a scheduler dict,
 checkpoint resume equal to continuing, ddp on 2 CPU processes), accelerate (prepare,
 clip_grad_norm_, save_state / load_state continuing bit for bit) and timm's scheduler and
-param-group helpers where timm imports. Tiny models, a few steps each (~25 s in all on 2
-cores, the ddp run ~12 s of it).
+param-group helpers where timm imports. Tiny models, a few steps each (~30 s in all on 2
+shared cores, Lightning's import included; the ddp run ~20 s of it).
 """
 from __future__ import annotations
 
