@@ -60,10 +60,14 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        # expecttest: torch.testing._internal (PyTorch's own optimizer error inputs) imports it
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "expecttest"],
         # python -m bench.train (the digits comparison); Prodigy and schedule-free AdamW
         # join it when installed.
         "examples": ["scikit-learn", "tqdm", "matplotlib", "prodigyopt", "schedulefree"],
+        # tests/test_integrations.py: the training libraries the optimizers drop into, pinned
+        # (their releases change how they drive an optimizer: clipping, checkpoints, AMP)
+        "integrations": ["lightning==2.6.6", "accelerate==1.15.0"],
     },
     **compiled_extension(),
 )

@@ -8,4 +8,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 pip install -q torch==2.13.0
-pip install -q -e ".[test,examples]"
+# torch named again so that no extra's requirement can move it off the pinned wheel
+pip install -q -e ".[test,examples,integrations]" torch==2.13.0

@@ -15,8 +15,8 @@ import dataclasses
 import torch
 
 from . import backends, fsdp
-from .hierarchy import StepPlan
-from .options import DEFAULT_LEVELS, check_nonnegative, lr_scale, resolve
+from .hierarchy import GroupLayout, StepPlan
+from .options import DEFAULT_LEVELS, check_nonnegative, check_twin_options, lr_scale, resolve
 from .reference import applied_rate, rate_view
 from .state import (
     GroupJob,
@@ -40,12 +40,19 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
     """Shared driver of MultiLevelSGD and MultiLevelAdam; `_kind` names the base optimizer."""
 
     _kind: str
-    # torch.amp.GradScaler hands step() its scale and found_inf as the attributes
-    # `grad_scale` and `found_inf` (0-d device tensors) instead of unscaling the grads in a
-    # pass of its own: the fused passes unscale as they read, and found_inf skips the step.
-    _step_supports_amp_scaling = True
+    # What torch.amp.GradScaler and Lightning read: True makes GradScaler.step() hand step()
+    # its scale and found_inf as the attributes `grad_scale` and `found_inf` (0-d device
+    # tensors) instead of unscaling the gradients in a pass of its own (the backends unscale
+    # as they read, and found_inf skips the step); set per optimizer by `amp_unscale_in_step`.
+    _step_supports_amp_scaling = False
 
-    def __init__(self, params, defaults: dict, sharding_group=None):
+    def __init__(self, params, defaults: dict, sharding_group=None, amp_unscale_in_step=None):
+        # Every option is checked before the parameters are looked at: first torch.optim's own
+        # checks, so that its error comes first, then the rest of this optimizer's.
+        check_twin_options(self._kind, defaults)
+        _resolve({**defaults, "initial_lr": _number(defaults["lr"])}, self._kind)
+        _check_torch_optim_flags(defaults)
+        self._step_supports_amp_scaling = _amp_unscale_in_step(amp_unscale_in_step, defaults["fused"])
         # add_param_group (called by the base __init__) appends to these.
         self.group_states: list = []  # per group: None until its first step, then a dict
         self._layouts: list[GroupLayout] = []
@@ -70,7 +77,8 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state.update(group_states=self.group_states, _state_levels=self._state_levels, _layouts=self._layouts,
-                     _option_names=self._option_names, sharding_group=self.sharding_group)
+                     _option_names=self._option_names, sharding_group=self.sharding_group,
+                     _step_supports_amp_scaling=self._step_supports_amp_scaling)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -484,6 +492,16 @@ def _lr_scale_tensor(lr, base: float, device, dtype) -> torch.Tensor:
 _IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
 
+def _amp_unscale_in_step(choice, fused) -> bool:
+    """Whether the optimizer declares `_step_supports_amp_scaling`. None: torch.optim's
+    convention, where only a fused optimizer (fused=True) declares it."""
+    if choice is None:
+        return bool(fused)
+    if not isinstance(choice, bool):
+        raise TypeError(f"amp_unscale_in_step must be True, False or None, got {choice!r}")
+    return choice
+
+
 def _backend_name(group: dict, device) -> str:
     return backends.resolve_backend(group["backend"], device, group["fused"], group["foreach"])
 
@@ -528,7 +546,17 @@ _TORCH_OPTIM_KEYWORDS = """
     leave the choice to ``backend="auto"``. A named ``backend`` that contradicts them is a
     ValueError. ``differentiable=True`` raises NotImplementedError: a step updates everything
     in place, outside autograd. ``opt.backends()`` and ``repr(opt)`` name the backend each
-    group runs with."""
+    group runs with.
+
+    ``amp_unscale_in_step`` (keyword-only; ``None``: True exactly when ``fused=True``, as
+    torch.optim declares it): with True the optimizer declares ``_step_supports_amp_scaling``,
+    so ``torch.amp.GradScaler.step`` hands the step its scale and ``found_inf`` and the
+    backend unscales the gradients as it reads them, with no pass of the scaler's own and no
+    host synchronisation; Lightning then refuses ``gradient_clip_val`` (it cannot clip
+    gradients that are still scaled). With False the scaler unscales in a pass of its own
+    and reads ``found_inf`` on the host before calling ``step()``, as with torch.optim's
+    non-fused optimizers, and every clipping recipe works. Without a GradScaler (float32,
+    bfloat16) it changes nothing."""
 
 
 class MultiLevelSGD(_MultiLevelOptimizer):
@@ -537,12 +565,12 @@ class MultiLevelSGD(_MultiLevelOptimizer):
 
     _kind = "sgd"
 
-    def __init__(self, params, lr=1e-2, momentum=0.0, dampening=0.0, nesterov=False,
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False,
                  weight_decay=0.0, maximize=False, *, levels=DEFAULT_LEVELS, init_weights=None,
                  hypergrad_lr=None, hypergrad_rule="additive", hypergrad_scaling="size",
                  combination_lr=None, shrinkage=None, rate_bounds=(0.0, None), hd_decay=0.0,
                  final_lr=None, skip_nonfinite=True, backend="auto", sharding_group=None,
-                 foreach=None, fused=None, differentiable=False):
+                 foreach=None, fused=None, differentiable=False, amp_unscale_in_step=None):
         if not isinstance(nesterov, bool):  # torch.optim.SGD's fifth positional is weight_decay
             raise TypeError(f"nesterov must be True or False, got {nesterov!r} (pass weight_decay by keyword: "
                             "it comes after nesterov here, before it in torch.optim.SGD)")
@@ -555,7 +583,7 @@ class MultiLevelSGD(_MultiLevelOptimizer):
             skip_nonfinite=skip_nonfinite, backend=backend, foreach=foreach, fused=fused,
             differentiable=differentiable,
         )
-        super().__init__(params, defaults, sharding_group)
+        super().__init__(params, defaults, sharding_group, amp_unscale_in_step)
 
 
 class MultiLevelAdam(_MultiLevelOptimizer):
@@ -571,7 +599,7 @@ class MultiLevelAdam(_MultiLevelOptimizer):
                  hypergrad_scaling="size", combination_lr=None, shrinkage=None,
                  rate_bounds=(0.0, None), hd_decay=0.0, final_lr=None, skip_nonfinite=True,
                  backend="auto", sharding_group=None, foreach=None, fused=None, capturable=False,
-                 differentiable=False):
+                 differentiable=False, amp_unscale_in_step=None):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, levels=levels,
@@ -581,7 +609,7 @@ class MultiLevelAdam(_MultiLevelOptimizer):
             skip_nonfinite=skip_nonfinite, backend=backend, foreach=foreach, fused=fused,
             capturable=capturable, differentiable=differentiable,
         )
-        super().__init__(params, defaults, sharding_group)
+        super().__init__(params, defaults, sharding_group, amp_unscale_in_step)
 
 
 class MultiLevelAdamW(MultiLevelAdam):

@@ -13,6 +13,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from .hierarchy import LEVELS
 
 RULES = ("additive", "multiplicative")
@@ -22,6 +24,7 @@ DEFAULT_LEVELS = ("global", "unit")
 PAPER_CONV_WEIGHTS = (0.8, 0.2)  # the paper's filter+global setting, in DEFAULT_LEVELS order
 DEFAULT_ADDITIVE_BETA = {"adam": 1e-8, "sgd": 1e-6}  # the paper's ResNet settings
 DEFAULT_MULTIPLICATIVE_BETA = 0.02  # Baydin et al.'s HDM example
+NESTEROV_MESSAGE = "Nesterov momentum requires a momentum and zero dampening"  # torch.optim.SGD's
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,15 @@ class GroupOptions:
         return self.kind == "sgd" and (self.momentum == 0 or self.nesterov)
 
 
+def _check_real(name, value):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+
+
 def _check_finite(name, value):
     """A real number that is neither NaN nor infinite: a NaN option would make NaN rates (and
     the backends' clamps disagree on a NaN bound)."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    _check_real(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
 
@@ -84,6 +91,58 @@ def _check_unit_interval(name, value):
     _check_finite(name, value)
     if not 0 <= value < 1:
         raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+
+
+def _comparable(name, value):
+    """A real number or a tensor (torch.optim compares both); anything else is our TypeError,
+    which names the option (the twin's own comparison raises a TypeError that does not)."""
+    if not isinstance(value, torch.Tensor):
+        _check_real(name, value)
+
+
+def check_twin_options(kind: str, options: dict) -> None:
+    """torch.optim.Adam's (kind "adam") or SGD's constructor checks, in its order, with its
+    exception types and messages (PyTorch's own optimizer tests match on them). The optimizer
+    runs them first, before its own checks (`resolve`) and before it looks at the parameters,
+    so the first error a user sees is the one torch.optim would have raised."""
+    lr = options["lr"]
+    if isinstance(lr, torch.Tensor):
+        if kind == "adam" and options["foreach"] and not options["capturable"]:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    _comparable("lr", lr)
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if kind == "adam":
+        betas = options["betas"]
+        _comparable("eps", options["eps"])
+        if not 0.0 <= options["eps"]:
+            raise ValueError(f"Invalid epsilon value: {options['eps']}")
+        for index, beta in enumerate(betas):
+            _comparable(f"betas[{index}]", beta)
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+        _comparable("weight_decay", options["weight_decay"])
+        if not 0.0 <= options["weight_decay"]:
+            raise ValueError(f"Invalid weight_decay value: {options['weight_decay']}")
+        if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, torch.Tensor) for b in betas)):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for index, beta in enumerate(betas):
+            if isinstance(beta, torch.Tensor):
+                if not options["capturable"] and options["foreach"]:
+                    raise ValueError(
+                        f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True"
+                    )
+                if beta.numel() != 1:
+                    raise ValueError(f"Tensor betas[{index}] must be 1-element")
+    else:
+        for name in ("momentum", "weight_decay"):
+            _comparable(name, options[name])
+            if options[name] < 0.0:
+                raise ValueError(f"Invalid {name} value: {options[name]}")
+        if options["nesterov"] and (options["momentum"] <= 0 or options["dampening"] != 0):
+            raise ValueError(NESTEROV_MESSAGE)
 
 
 def lr_scale(lr, base_lr):
@@ -212,7 +271,7 @@ def resolve(group: dict, kind: str) -> GroupOptions:
         check_nonnegative("momentum", momentum)
         check_nonnegative("dampening", dampening)
         if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("nesterov momentum requires a positive momentum and zero dampening")
+            raise ValueError(NESTEROV_MESSAGE)
         beta1 = beta2 = eps = 0.0
         decoupled = amsgrad = False
 

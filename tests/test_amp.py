@@ -1,7 +1,7 @@
 """torch.amp.GradScaler: the fused passes unscale the gradients as they read them.
 
-The optimizer declares `_step_supports_amp_scaling`, so GradScaler.step() does not unscale
-the gradients itself: it hands step() its scale (`grad_scale`, None after a user's
+With amp_unscale_in_step=True the optimizer declares `_step_supports_amp_scaling`, so
+GradScaler.step() does not unscale the gradients itself: it hands step() its scale (`grad_scale`, None after a user's
 `scaler.unscale_`) and `found_inf`. Every backend must then compute exactly the step of
 the unscaled gradients (the scale is a power of two, so unscaling is exact), in both
 passes and before the coupled weight decay, and skip a step with found_inf > 0 without
@@ -12,8 +12,11 @@ touching anything.
 * a forced overflow skips exactly that step (with and without the non-finite guard) and
   halves the scale; the run is then bit-identical to a plain loop that left out the step;
 * `scaler.unscale_` then gradient clipping (grad_scale None): equal to the plain loop;
-* float16 / bfloat16 parameters under a GradScaler: every fast backend matches the reference.
+* float16 / bfloat16 parameters under a GradScaler: every fast backend matches the reference;
+* the default (torch.optim's convention: declared only with fused=True): GradScaler unscales
+  in its own pass, step() is handed nothing, and the run is the plain loop's bit for bit.
 """
+import copy
 import math
 
 import pytest
@@ -25,6 +28,7 @@ from trajectory import GradFn, Tol, assert_trajectories_close, make_params, opt_
 
 BACKENDS = FAST_BACKENDS + (["reference"] if "reference" in ALL_BACKENDS else [])
 SCALE = 2.0**12
+IN_STEP = dict(amp_unscale_in_step=True)  # the fused unscaling these tests are about
 STEPS = 5
 LEVELS = ("global", "layer", "unit", "param")
 
@@ -60,7 +64,7 @@ def _net():
 def _setup(case, backend, **extra):
     _, cls, kw, sign = case
     net, x, y = _net()
-    opt = CLASSES[cls](net.parameters(), backend=backend, **{**kw, **extra})
+    opt = CLASSES[cls](net.parameters(), backend=backend, **{**IN_STEP, **kw, **extra})
 
     def loss():
         return sign * torch.nn.functional.mse_loss(net(x), y)
@@ -207,7 +211,7 @@ def test_grad_scaler_is_exact_float64_and_mixed(backend):
         params = make_params(torch.float64, DEVICE, 0, shapes)
         params[1] = params[1].detach().float().requires_grad_()
         opt = mlhd.MultiLevelAdam(params, backend=backend, lr=0.01, hypergrad_lr=1e-4, levels=LEVELS,
-                                  weight_decay=0.1, maximize=True)
+                                  weight_decay=0.1, maximize=True, **IN_STEP)
         gradfn = GradFn(shapes, sign=-1.0)
         for s in range(STEPS):
             opt.zero_grad()
@@ -284,7 +288,7 @@ TOL_HALF = {torch.float16: Tol(rtol=2e-3, atol_param=2e-3, atol_rate=1e-6, atol_
 def _half_run(cls, kw, backend, dtype, shapes, steps=6):
     """GradFn's gradients, produced by backward through GradScaler: grad = scale * g."""
     params = make_params(dtype, DEVICE, 0, shapes)
-    opt = CLASSES[cls](params, backend=backend, **kw)
+    opt = CLASSES[cls](params, backend=backend, **kw, **IN_STEP)
     gradfn, scaler, snaps = GradFn(shapes), _scaler(), []
     for s in range(steps):
         opt.zero_grad()
@@ -306,3 +310,37 @@ def test_half_precision_with_grad_scaler(backend, cls, kw, dtype):
     fast = _half_run(cls, kw, backend, dtype, shapes)
     ref = _half_run(cls, kw, "reference", dtype, shapes)
     assert_trajectories_close(fast, ref, TOL_HALF[dtype], label=f"{cls} {backend}/{dtype} vs reference")
+
+
+# -------------------------------------------------------------------------------------------
+# 5. who unscales: torch.optim's convention by default
+@pytest.mark.parametrize("fused,choice,declared", [
+    (None, None, False), (True, None, True), (None, True, True), (True, False, False)])
+def test_in_step_unscaling_is_declared_as_torch_optim_does(fused, choice, declared):
+    """Declared exactly when fused=True unless amp_unscale_in_step says otherwise (Lightning
+    reads the attribute to decide whether it may clip); copies keep it."""
+    opt = mlhd.MultiLevelAdamW(_net()[0].parameters(), fused=fused, amp_unscale_in_step=choice)
+    assert opt._step_supports_amp_scaling is declared
+    assert copy.deepcopy(opt)._step_supports_amp_scaling is declared
+    with pytest.raises(TypeError, match="amp_unscale_in_step"):
+        mlhd.MultiLevelSGD(_net()[0].parameters(), amp_unscale_in_step=1)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_default_lets_the_scaler_unscale(backend):
+    """Without the declaration GradScaler unscales in a pass of its own and hands step()
+    nothing; an overflow step is skipped by the scaler; the run is the plain loop's, bit for
+    bit, as the in-step one is (a power-of-two scale unscales exactly)."""
+    case = _case("sgd-nesterov-coupled-decay")
+    net, opt, loss = _setup(case, backend, amp_unscale_in_step=None)
+    seen, scaler = _spy(opt), _scaler()
+    for s in range(STEPS):
+        opt.zero_grad()
+        scaler.scale(loss()).backward()
+        if s == BAD_STEP:
+            next(net.parameters()).grad.view(-1)[0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+    assert seen == ["unset"] * (STEPS - 1)  # step() not called at the overflow, never handed a scale
+    plain = _plain_run(case, backend, leave_out={BAD_STEP})
+    _assert_identical(_full_state(opt), _full_state(plain), f"{backend}: scaler-unscaled vs plain")

@@ -220,7 +220,7 @@ def test_tensor_lr_is_never_read_in_a_step(backend):
 def test_tensor_lr_must_have_one_element():
     with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
         mlhd.MultiLevelAdam(_params(), lr=torch.tensor([0.1, 0.2]))
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="Invalid learning rate"):
         mlhd.MultiLevelSGD(_params(), lr=torch.tensor(-0.1))
 
 

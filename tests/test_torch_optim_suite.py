@@ -503,3 +503,32 @@ def test_complex_and_sparse_are_rejected(backend, name):
         opt.step()
     assert torch.equal(p, before) and not opt.state
 
+
+
+# -- constructor errors -----------------------------------------------------------------------
+def _twin_error_inputs(name):
+    """PyTorch's own error inputs for the twin (its OptimizerInfo's optim_error_inputs_func)."""
+    common = pytest.importorskip("torch.testing._internal.common_optimizers")
+    func = common.optim_error_inputs_func_sgd if name == "SGD" else common.optim_error_inputs_func_adam
+    return common, func(device="cpu", dtype=torch.float32)
+
+
+@classes
+def test_errors_are_the_twins(name):
+    """Every error input of PyTorch's test_errors for the twin raises (or warns) the same type
+    with a message its pattern matches, before the parameters are looked at (most pass
+    params=None); the twin itself passes the same check, so the inputs are the ones it tests."""
+    common, inputs = _twin_error_inputs(name)
+    assert len(inputs) >= 6
+    for cls in (SPECS[name].cls, SPECS[name].twin):
+        for error in inputs:
+            given = error.optimizer_error_input
+            assert error.error_on == common.OptimizerErrorEnum.CONSTRUCTION_ERROR
+            check = pytest.warns if issubclass(error.error_type, Warning) else pytest.raises
+            with check(error.error_type, match=error.error_regex):
+                cls(given.params, **given.kwargs)
+
+
+def test_sgd_default_lr_is_the_twins():
+    p = torch.nn.Parameter(torch.randn(3))
+    assert mlhd.MultiLevelSGD([p]).defaults["lr"] == torch.optim.SGD([p]).defaults["lr"] == 1e-3
