@@ -8,6 +8,9 @@ learning rates and several seeds. Writes a table (Markdown, CSV) and figures to 
     python -m bench.train                       the full comparison (about 20 min on one CPU thread)
     python -m bench.train --quick               smoke run, under 3 min: every model, fewer runs
     python -m bench.train --device cuda         the same on a GPU
+    python -m bench.train --robustness          the lr-robustness study: x0.03 .. x30 of each family's
+                                                default lr, shorter runs (about 25 min on a shared 2-core CPU)
+    python -m bench.train --robustness --quick  its smoke run, seconds per model
     python -m bench.train --throughput --device cuda
                                                 images/s of a ResNet-50 training step per optimizer
     python -m bench.train --throughput --batch-size 2 --image-size 64 --out /tmp/tp
@@ -29,27 +32,24 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from bench.digits import robustness as study
 from bench.digits.data import load_digits_split
-from bench.digits.figures import plot_accuracy, plot_losses, plot_rates
-from bench.digits.loop import FULL_SEEDS, QUICK_SEEDS, Run, plan, train_run, warm_up_backend
+from bench.digits.figures import plot_accuracy, plot_losses, plot_rates, plot_robustness
+from bench.digits.loop import FULL_SEEDS, QUICK_SEEDS, Job, Run, plan, train_run, warm_up_backend
 from bench.digits.optimizers import SETTINGS
-from bench.digits.tables import markdown_table, settings_table, summarize, sweep_tables, write_csv
+from bench.digits.tables import (markdown_table, robustness_model_tables, robustness_summary_table,
+                                 settings_table, summarize, sweep_tables, write_csv, write_robustness_csv)
 from bench.digits.throughput import throughput
 
 DEFAULT_OUT = Path(__file__).parent / "results"
 
 
-def compare(args, argv: list[str]) -> None:
-    device = torch.device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    models = args.models.split(",")
-    jobs = plan(models, args.quick, args.seeds)
-    settings_md = settings_table(jobs)
-    print(settings_md, flush=True)
+def run_all(jobs: list[Job], device: torch.device, argv: list[str]) -> tuple[list[Run], str]:
+    """Train every job (data resized once per input size); the runs and a header line that
+    says how they were made."""
     backend = warm_up_backend(device)
     data = load_digits_split(device)
-    resized = {size: data.resized(size) for size in {SETTINGS[m].image_size for m in models}}
+    resized = {size: data.resized(size) for size in {j.setting.image_size for j in jobs}}
     started = time.perf_counter()
     runs = []
     bar = tqdm(jobs, desc="runs")
@@ -60,7 +60,35 @@ def compare(args, argv: list[str]) -> None:
     header = (f"`{shlex.join(['python', '-m', 'bench.train', *argv])}`: {len(runs)} runs in {minutes:.1f} min "
               f"on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
               f"multilevel_hd backend {backend!r}.")
+    return runs, header
+
+
+def compare(args, argv: list[str]) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = plan(args.models.split(","), args.quick, args.seeds)
+    settings_md = settings_table(jobs)
+    print(settings_md, flush=True)
+    runs, header = run_all(jobs, torch.device(args.device), argv)
     write_report(runs, settings_md, header, out)
+
+
+def robustness(args, argv: list[str]) -> None:
+    """The lr-robustness study: digits_robustness_table.md, digits_robustness_runs.csv and
+    digits_robustness.png in --out; the tables also go to stdout."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = study.plan(args.models.split(","), args.quick)
+    settings_md = settings_table(jobs)
+    print(settings_md, flush=True)
+    runs, header = run_all(jobs, torch.device(args.device), argv)
+    stats = study.robustness(runs, study.QUICK_FACTORS if args.quick else study.FACTORS)
+    tables = (f"## Worst case over the lr grid (mean over seeds at the worst lr)\n\n{robustness_summary_table(stats)}"
+              f"\n\n## Per model\n\n{robustness_model_tables(stats)}")
+    (out / "digits_robustness_table.md").write_text(f"{header}\n\n## Settings\n\n{settings_md}\n\n{tables}")
+    write_robustness_csv(stats, out / "digits_robustness_runs.csv")
+    plot_robustness(stats, out / "digits_robustness.png")
+    print(f"\n{tables}\n{header}\nwrote {out}/digits_robustness*")
 
 
 def write_report(runs: list[Run], settings_md: str, header: str, out: Path) -> None:
@@ -90,6 +118,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (default 1: the digits models are too small to gain from more, "
                          "and on a shared machine 2 threads ran 2-10x slower)")
+    ap.add_argument("--robustness", action="store_true",
+                    help="the lr-robustness study (x0.03 .. x30 of each family's default lr); with --quick its smoke run")
     ap.add_argument("--throughput", action="store_true", help="images/s of a ResNet-50 step per optimizer")
     ap.add_argument("--batch-size", type=int, help="--throughput batch (default 128 on cuda, 2 on cpu)")
     ap.add_argument("--image-size", type=int, default=224, help="--throughput image side (default 224)")
@@ -108,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     if torch.device(args.device).type == "cpu":
         torch.set_num_threads(args.threads)
-    (throughput if args.throughput else compare)(args, argv)
+    (throughput if args.throughput else robustness if args.robustness else compare)(args, argv)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
-"""The figures: accuracy against the initial lr, loss curves and the learned rates."""
+"""The figures: accuracy against the initial lr, loss curves and the learned rates; the
+lr-robustness study's accuracy over its lr grid."""
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .loop import Run
 from .tables import Row, by_optimizer, lr_factors
+
+if TYPE_CHECKING:  # robustness.py builds on Row
+    from .robustness import Robustness
 
 
 def _pyplot():
@@ -143,3 +148,31 @@ def plot_accuracy(rows: list[Row], path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+
+def plot_robustness(stats: list[Robustness], path: Path) -> None:
+    """Test accuracy (mean and std over seeds) against the initial lr / family default, one
+    column per model: the comparison's optimizers and the library defaults on top, the
+    multiplicative rule's settings below (with Adam and SGDN again for reference)."""
+    plt = _pyplot()
+    models = list(dict.fromkeys(st.model for st in stats))
+    style = _style([row for st in stats for row in st.rows])
+    hdm = lambda name: "HDM" in name
+    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 9), squeeze=False, sharex=True)
+    for col, model in enumerate(models):
+        for st in (st for st in stats if st.model == model):
+            panels = [1] if hdm(st.optimizer) else [0, 1] if st.optimizer in ("Adam", "SGDN") else [0]
+            stat = np.array([row.stat("test_acc") for row in st.rows])
+            for panel in panels:
+                reference = panel == 1 and not hdm(st.optimizer)
+                axes[panel, col].errorbar(st.factors, 100 * stat[:, 0], 100 * np.nan_to_num(stat[:, 1]),
+                                          label=st.optimizer, capsize=2, marker="o", ms=3,
+                                          **{**style[st.optimizer], **(dict(color="grey", lw=2) if reference else {})})
+        for panel, title in enumerate(("paper settings, baselines, library defaults", "multiplicative rule (HDM)")):
+            ax = axes[panel, col]
+            ax.set(title=f"{model}: {title}", xscale="log", ylim=(0, 100), ylabel="test accuracy %")
+            ax.legend(fontsize=5, ncol=2, loc="lower center")
+        axes[1, col].set_xlabel("initial lr / family default (Adam 1e-3, SGDN 1e-2, Prodigy 1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

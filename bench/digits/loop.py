@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from .optimizers import SETTINGS, OptSpec, Setting, optimizer_specs
 LOG_EVERY = 5  # steps between loss / rates() records: cheap enough to keep for every run
 QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)  # summary of the spread of unit and param rates
 FULL_SEEDS, QUICK_SEEDS = 3, 2
+AT_CHANCE = math.log(10) - 0.05  # final training loss of a net that guesses uniformly: ln 10
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,25 @@ class Run:
     losses: list[float] = field(default_factory=list)  # mean minibatch loss since the last record
     levels: list[str] = field(default_factory=list)  # of a multilevel_hd optimizer, in weights order
     rates: list[dict] = field(default_factory=list)  # rate_snapshot() at the same steps (log_rates)
+
+    def outcome(self) -> str:
+        """"diverged": the loss went non-finite, or blew up and ended at chance (a dead net);
+        "stalled": ended at chance without blowing up (a rate too small to start); else "ok"."""
+        losses = np.array(self.losses + [self.train_loss], dtype=float)
+        if not np.isfinite(losses).all():
+            return "diverged"
+        if self.train_loss >= AT_CHANCE:
+            return "diverged" if losses.max() > 2 * losses[0] else "stalled"
+        return "ok"
+
+    def rate_ratio(self) -> float:
+        """The learned global rate at the last record over the initial lr (NaN: none learned)."""
+        last = self.rates[-1] if self.rates else {}
+        return last["global"] / self.lr if "global" in last else math.nan
+
+    def final_weights(self) -> list[float]:
+        """The combination weights at the last record ([]: a single level or no HD)."""
+        return self.rates[-1]["weights"] if self.rates and len(self.levels) > 1 else []
 
 
 def rate_snapshot(opt, summary: dict) -> dict:

@@ -1,16 +1,18 @@
 """The optimizer families compared: per model, its training settings and the paper's
-hyper-gradient settings (`Setting`), and every optimizer with its learning rates (`OptSpec`)."""
+hyper-gradient settings (`Setting`), and every optimizer with its learning rates (`OptSpec`):
+those of the comparison (`optimizer_specs`) and of the lr-robustness study (`robustness_specs`)."""
 from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
 import multilevel_hd as mlhd
+from multilevel_hd.options import resolve
 
 from .models import cifar_resnet18, feed_forward, lenet5
 
@@ -90,7 +92,7 @@ PRODIGY_LRS = (0.1, 1.0, 10.0)  # Prodigy's lr multiplies its own step-size esti
 @dataclass(frozen=True)
 class OptSpec:
     name: str
-    lrs: tuple[float, float, float]
+    lrs: tuple[float, ...]  # the comparison's: x0.1, x1, x10 of the family default
     make: Callable  # (params, lr) -> optimizer
     hd: str = ""  # the hyper-gradient settings, for the settings table
     quick: bool = False
@@ -136,6 +138,66 @@ def optimizer_specs(s: Setting) -> list[OptSpec]:
                              lambda p, lr: schedulefree.AdamWScheduleFree(p, lr=lr, weight_decay=wd),
                              schedule_free=True))
     return specs
+
+
+# The multiplicative rule (SPEC section 2, step 4) in the robustness study: Baydin et al.'s
+# hypergrad_lr 0.02 and a faster 0.05, each with a slow, a medium and a fast combination_lr.
+HDM_BETAS = (0.02, 0.05)
+HDM_DELTAS = (0.02, 0.1, 0.5)
+LIBRARY_DEFAULTS = "library defaults"  # the spec name's tag of the rows that pass no HD option
+
+
+def robustness_specs(s: Setting, factors: tuple[float, ...]) -> list[OptSpec]:
+    """The lr-robustness study's optimizers on model `s`, each at `factors` x its family's
+    default lr: every optimizer of the comparison (paper settings); the multiplicative rule
+    on the global level alone and combined over global+unit and over the paper's levels (where
+    they differ), at HDM_BETAS x HDM_DELTAS for Adam and HDM_BETAS x the middle delta for SGDN
+    (to keep the study's time); and both multilevel_hd optimizers with every hyper-gradient
+    option left at the library's defaults of the running version."""
+    wd = s.weight_decay
+    families = [
+        dict(cls=mlhd.MultiLevelAdam, name="Adam", kind="adam", base={}, lr=ADAM_LRS[1], deltas=HDM_DELTAS),
+        dict(cls=mlhd.MultiLevelSGD, name="SGDN", kind="sgd", base=dict(momentum=0.9, nesterov=True),
+             lr=SGDN_LRS[1], deltas=HDM_DELTAS[1:2]),
+    ]
+    grid = lambda default_lr: tuple(default_lr * f for f in factors)
+    presets = [CamPreset("g+u", ("global", "unit"), (0.8, 0.2)), *[c for c in s.presets[:1] if c.tag != "g+u"]]
+
+    def hdm(f, beta, preset=None, delta=None):
+        levels, weights = (preset.levels, preset.init_weights) if preset else (("global",), None)
+        make = lambda p, lr: f["cls"](p, lr=lr, weight_decay=wd, **f["base"], levels=levels,
+                                      init_weights=weights, hypergrad_rule="multiplicative",
+                                      hypergrad_lr=beta, combination_lr=delta)
+        if preset is None:
+            return OptSpec(f"{f['name']}-HDM b={beta:g}", grid(f["lr"]), make, f"multiplicative, beta {beta:g}")
+        return OptSpec(f"{f['name']}-CAM-HDM ({preset.tag}) b={beta:g} d={delta:g}", grid(f["lr"]), make,
+                       f"multiplicative, beta {beta:g}, levels {'/'.join(levels)} = "
+                       f"{'/'.join(map(str, weights))}, delta {delta:g}")
+
+    def library_defaults(f):
+        make = lambda p, lr: f["cls"](p, lr=lr, weight_decay=wd, **f["base"])
+        return OptSpec(f"{f['name']} ({LIBRARY_DEFAULTS})", grid(f["lr"]), make,
+                       describe_defaults(f["cls"], f["kind"], f["lr"]))
+
+    paper = f"({s.presets[0].tag})"  # one name for the paper's levels on every model
+    specs = [replace(spec, name=spec.name.replace(paper, "(paper)"), lrs=grid(spec.lrs[1]))
+             for spec in optimizer_specs(s)]
+    for f in families:
+        specs += [hdm(f, beta) for beta in HDM_BETAS]
+        specs += [hdm(f, beta, c, delta) for c in presets for beta in HDM_BETAS for delta in f["deltas"]]
+        specs.append(library_defaults(f))
+    return specs
+
+
+def describe_defaults(cls, kind: str, lr: float) -> str:
+    """The hyper-gradient options that `cls` resolves when given none, in this process (the
+    study's "library defaults" rows follow the installed version)."""
+    group = cls([torch.zeros(1, requires_grad=True)], lr=lr).param_groups[0]
+    o = resolve(group, kind)
+    betas = sorted(set(o.hypergrad_lr.values()))
+    return (f"{o.rule}, beta {'/'.join(f'{b:g}' for b in betas)}, levels {'/'.join(o.levels)} = "
+            f"{'/'.join(f'{w:g}' for w in o.init_weights)}, delta {o.combination_lr:g} at lr {lr:g}, "
+            f"hd_decay {o.hd_decay:g}")
 
 
 def _quiet(make, *args, **kwargs):

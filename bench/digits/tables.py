@@ -1,15 +1,20 @@
-"""The tables: per-setting mean and spread over seeds (`Row`), Markdown and CSV."""
+"""The tables: per-setting mean and spread over seeds (`Row`), Markdown and CSV, for the
+comparison and for the lr-robustness study."""
 from __future__ import annotations
 
 import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .loop import Job, Run
 from .optimizers import LR_FACTORS
+
+if TYPE_CHECKING:  # robustness.py builds on Row
+    from .robustness import Robustness
 
 
 @dataclass
@@ -124,3 +129,80 @@ def write_csv(rows: list[Row], runs: list[Run], out: Path) -> None:
             w.writerow([r.model, r.optimizer, r.lr, r.seed, r.test_acc, r.train_loss, r.seconds,
                         last.get("global", ""), "/".join(f"{x:.4f}" for x in last.get("weights", []))])
 
+
+
+def robustness_summary_table(stats: list[Robustness]) -> str:
+    """One row per optimizer: its worst case over the lr grid on each model (mean over seeds
+    at the worst lr), the worst of those, the mean over every run and the failed runs; best
+    worst case first. Optimizers run on only some models come last."""
+    models = list(dict.fromkeys(st.model for st in stats))
+    by_name: dict[str, dict[str, Robustness]] = {}
+    for st in stats:
+        by_name.setdefault(st.optimizer, {})[st.model] = st
+
+    def worst_of(per_model: dict) -> float:
+        return min(st.worst()[1].stat("test_acc")[0] for st in per_model.values())
+
+    order = sorted(by_name, key=lambda n: (len(by_name[n]) < len(models), -worst_of(by_name[n])))
+    lines = ["| optimizer | " + " | ".join(f"{m}: worst % (lr x)" for m in models)
+             + " | worst of all | mean of all % | diverged | stalled | runs |",
+             "|---" * (len(models) + 6) + "|"]
+    for name in order:
+        per_model = by_name[name]
+        cells = []
+        for m in models:
+            st = per_model.get(m)
+            if st is None:
+                cells.append("-")
+                continue
+            factor, row = st.worst()
+            cells.append(f"{row.cell('test_acc', scale=100, digits=1)} (x{factor:g})")
+        runs = [r for st in per_model.values() for r in st.runs]
+        counts = [st.outcomes() for st in per_model.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * worst_of(per_model):.1f} | "
+                     f"{100 * np.mean([r.test_acc for r in runs]):.1f} | {sum(c['diverged'] for c in counts)} | "
+                     f"{sum(c['stalled'] for c in counts)} | {len(runs)} |")
+    return "\n".join(lines)
+
+
+def robustness_model_tables(stats: list[Robustness]) -> str:
+    """Per model, per optimizer: the worst case and the mean over the grid, the seeds' spread,
+    failed runs, the learned global rate's final / initial ratio at each lr, and the final
+    combination weights (mean over runs) with the runs in which one collapsed."""
+    out = []
+    for model in dict.fromkeys(st.model for st in stats):
+        rows = [st for st in stats if st.model == model]
+        factors = rows[0].factors
+        out += [f"**{model}**", "",
+                "| optimizer | worst % (lr x) | mean % | seed std | diverged / stalled | global rate final / "
+                "initial at " + ", ".join(f"x{f:g}" for f in factors) + " | final weights (collapsed runs) |",
+                "|---|---|---|---|---|---|---|"]
+        for st in rows:
+            factor, worst = st.worst()
+            counts = st.outcomes()
+            ratios = st.rate_ratios()
+            rates = " / ".join(f"{x:.2g}" for x in ratios) if np.isfinite(ratios).any() else "-"
+            weights, collapsed = st.weights()
+            w = f"{'/'.join(f'{x:.2f}' for x in weights)} ({collapsed})" if weights else "-"
+            out.append(f"| {st.optimizer} | {worst.cell('test_acc', scale=100, digits=1)} (x{factor:g}) | "
+                       f"{100 * st.mean_acc():.1f} | {_percent(st.seed_spread())} | "
+                       f"{counts['diverged']} / {counts['stalled']} | {rates} | {w} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.1f}" if math.isfinite(x) else "-"  # one seed: no spread
+
+
+def write_robustness_csv(stats: list[Robustness], path: Path) -> None:
+    """Every run of the study: its outcome, the learned global rate's ratio, the final weights."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "optimizer", "lr_factor", "lr", "seed", "test_acc", "train_loss", "outcome",
+                    "global_rate_ratio", "final_weights", "seconds"])
+        for st in stats:
+            for factor, row in zip(st.factors, st.rows):
+                for r in row.runs:
+                    w.writerow([r.model, r.optimizer, factor, r.lr, r.seed, r.test_acc, r.train_loss, r.outcome(),
+                                r.rate_ratio(), "/".join(f"{x:.4f}" for x in r.final_weights()), r.seconds])
