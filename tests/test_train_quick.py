@@ -51,3 +51,43 @@ def test_quick_mode_writes_every_row_and_learns(tmp_path):
 
     table = (tmp_path / "digits_table.md").read_text()
     assert all(f"| {m} | {o} | {lr:g} |" in table for m, o, lr in expected)
+
+
+def test_robustness_quick_mode_reports_every_optimizer(tmp_path):
+    """`--robustness --quick` on the feed-forward net only (64 one-epoch runs, ~10 s): every
+    planned run is in the CSV, every optimizer in both tables, and the multiplicative rule
+    moves the rate the right way from both ends of the grid."""
+    from bench.digits import robustness
+
+    threads = torch.get_num_threads()
+    try:
+        train.main(["--robustness", "--quick", "--models", "ffn", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "digits_robustness.png").stat().st_size > 0
+
+    with open(tmp_path / "digits_robustness_runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    planned = {(j.spec.name, j.lr, j.seed) for j in robustness.plan(["ffn"], quick=True)}
+    assert {(r["optimizer"], float(r["lr"]), int(r["seed"])) for r in rows} == planned
+    assert len(rows) == len(planned)
+    assert {float(r["lr_factor"]) for r in rows} == set(robustness.QUICK_FACTORS)
+
+    names = {name for name, _, _ in planned}
+    assert {"Adam (library defaults)", "SGDN (library defaults)", "Adam-CAM-HD (paper)"} <= names
+    table = (tmp_path / "digits_robustness_table.md").read_text()
+    assert all(table.count(f"| {name} |") == 3 for name in names)  # settings, summary, ffn tables
+
+    ratio = {(r["optimizer"], float(r["lr_factor"])): float(r["global_rate_ratio"]) for r in rows}
+    low, high = robustness.QUICK_FACTORS
+    assert ratio["Adam-HDM b=0.05", low] > 1.1 and ratio["Adam-HDM b=0.05", high] < 1.0
+
+
+@pytest.mark.parametrize("losses, final, expected", [
+    ([2.3, 1.0, 0.5], 0.4, "ok"),
+    ([2.3, 2.3, 2.3], 2.3027, "stalled"),  # never started
+    ([2.3, 80.0, 2.31], 2.3027, "diverged"),  # blew up, then a dead net
+    ([2.3, float("nan")], float("nan"), "diverged"),
+])
+def test_run_outcome(losses, final, expected):
+    assert loop.Run("ffn", "Adam", 1e-3, 0, losses=losses, train_loss=final).outcome() == expected
