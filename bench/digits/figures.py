@@ -151,28 +151,41 @@ def plot_accuracy(rows: list[Row], path: Path) -> None:
 
 
 def plot_robustness(stats: list[Robustness], path: Path) -> None:
-    """Test accuracy (mean and std over seeds) against the initial lr / family default, one
-    column per model: the comparison's optimizers and the library defaults on top, the
-    multiplicative rule's settings below (with Adam and SGDN again for reference)."""
+    """Test error (mean and std over seeds, log scale: a 1-point difference near 98 % shows as
+    well as a failed run near 90 % error) against the initial lr / family default, one column
+    per model: the comparison's optimizers and the library defaults on top, the multiplicative
+    rule's settings below (with Adam and SGDN again, in grey, for reference). Solid: Adam
+    family, dashed: SGDN family, dotted: others; markers: the levels."""
     plt = _pyplot()
     models = list(dict.fromkeys(st.model for st in stats))
-    style = _style([row for st in stats for row in st.rows])
     hdm = lambda name: "HDM" in name
-    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 9), squeeze=False, sharex=True)
+    panel_names = [list(dict.fromkeys(st.optimizer for st in stats if not hdm(st.optimizer))),
+                   list(dict.fromkeys(st.optimizer for st in stats if hdm(st.optimizer)))]
+    colours = _pyplot().get_cmap("tab20").colors
+    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models) + 3.5, 9), squeeze=False, sharex=True)
     for col, model in enumerate(models):
         for st in (st for st in stats if st.model == model):
+            error = 100 * (1 - np.array([row.stat("test_acc")[0] for row in st.rows]))
+            std = 100 * np.nan_to_num([row.stat("test_acc")[1] for row in st.rows])
             panels = [1] if hdm(st.optimizer) else [0, 1] if st.optimizer in ("Adam", "SGDN") else [0]
-            stat = np.array([row.stat("test_acc") for row in st.rows])
             for panel in panels:
-                reference = panel == 1 and not hdm(st.optimizer)
-                axes[panel, col].errorbar(st.factors, 100 * stat[:, 0], 100 * np.nan_to_num(stat[:, 1]),
-                                          label=st.optimizer, capsize=2, marker="o", ms=3,
-                                          **{**style[st.optimizer], **(dict(color="grey", lw=2) if reference else {})})
+                style = dict(ls="-" if st.optimizer.startswith("Adam") else "--" if st.optimizer.startswith("SGDN") else ":",
+                             marker="s" if "(g+u)" in st.optimizer else "^" if "(l+g)" in st.optimizer else "o")
+                if st.optimizer in panel_names[panel]:
+                    style["color"] = colours[panel_names[panel].index(st.optimizer) % len(colours)]
+                else:  # a reference curve in the multiplicative panel
+                    style.update(color="grey", lw=2.5, marker="")
+                axes[panel, col].errorbar(st.factors, error, std, label=st.optimizer, capsize=2, ms=3, **style)
         for panel, title in enumerate(("paper settings, baselines, library defaults", "multiplicative rule (HDM)")):
             ax = axes[panel, col]
-            ax.set(title=f"{model}: {title}", xscale="log", ylim=(0, 100), ylabel="test accuracy %")
-            ax.legend(fontsize=5, ncol=2, loc="lower center")
+            ax.set(title=f"{model}: {title}", xscale="log", yscale="log", ylabel="test error % (log)")
+            ax.set_ylim(top=100)
+            ax.grid(True, which="both", alpha=0.2)
         axes[1, col].set_xlabel("initial lr / family default (Adam 1e-3, SGDN 1e-2, Prodigy 1)")
+    for panel in (0, 1):  # every model's panel has the same optimizers, but ffn has more
+        handles, labels = max((axes[panel, c].get_legend_handles_labels() for c in range(len(models))),
+                              key=lambda hl: len(hl[1]))
+        axes[panel, -1].legend(handles, labels, fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
