@@ -78,7 +78,7 @@ def robustness(args, argv: list[str]) -> None:
     digits_robustness.png in --out; the tables also go to stdout."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = study.plan(args.models.split(","), args.quick)
+    jobs = study.plan(args.models.split(","), args.quick, args.seeds)
     settings_md = settings_table(jobs)
     print(settings_md, flush=True)
     runs, header = run_all(jobs, torch.device(args.device), argv)
@@ -114,7 +114,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="folder for tables and figures")
     ap.add_argument("--models", default=",".join(SETTINGS), help="comma list of " + ", ".join(SETTINGS))
-    ap.add_argument("--seeds", type=int, help=f"seeds per setting (default {FULL_SEEDS}, --quick {QUICK_SEEDS})")
+    ap.add_argument("--seeds", type=int, help=f"seeds per setting (default {FULL_SEEDS}, --quick {QUICK_SEEDS}; "
+                                                     f"--robustness {study.SEEDS}, with --quick {study.QUICK_SEEDS})")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (default 1: the digits models are too small to gain from more, "
                          "and on a shared machine 2 threads ran 2-10x slower)")

@@ -5,6 +5,7 @@ learned global rate moved and where the combination weights ended."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 
@@ -29,9 +30,10 @@ def study_setting(model: str) -> Setting:
     return replace(SETTINGS[model], **STUDY_RUNS[model])
 
 
-def plan(models: list[str], quick: bool) -> list[Job]:
+def plan(models: list[str], quick: bool, seeds: Optional[int] = None) -> list[Job]:
     """The study's runs, in table order (model, optimizer, lr, seed)."""
-    factors, seeds = (QUICK_FACTORS, QUICK_SEEDS) if quick else (FACTORS, SEEDS)
+    factors = QUICK_FACTORS if quick else FACTORS
+    seeds = seeds or (QUICK_SEEDS if quick else SEEDS)
     jobs = []
     for name in models:
         s = study_setting(name)
