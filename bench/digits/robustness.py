@@ -27,7 +27,9 @@ COLLAPSED = 0.01  # a combination weight below this (so another near 1) has coll
 
 
 def study_setting(model: str) -> Setting:
-    return replace(SETTINGS[model], **STUDY_RUNS[model])
+    s = SETTINGS[model]
+    return replace(s, **STUDY_RUNS[model], note=f"{s.note} (the comparison's; this study's epochs and input "
+                                                 f"size are in the table)")
 
 
 def plan(models: list[str], quick: bool, seeds: Optional[int] = None) -> list[Job]:
