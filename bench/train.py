@@ -23,6 +23,7 @@ Needs the `examples` extra: pip install -e ".[examples]".
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import shlex
 import sys
 import time
@@ -44,22 +45,40 @@ from bench.digits.throughput import throughput
 DEFAULT_OUT = Path(__file__).parent / "results"
 
 
-def run_all(jobs: list[Job], device: torch.device, argv: list[str]) -> tuple[list[Run], str]:
-    """Train every job (data resized once per input size); the runs and a header line that
-    says how they were made."""
+# What forked --workers read: the jobs hold lambdas, which cannot be pickled, so the workers
+# inherit the plan and the data from the parent and receive only job indices.
+_FORKED: tuple = ()
+
+
+def _train_forked(index: int) -> Run:
+    jobs, resized, device = _FORKED
+    return train_run(jobs[index], resized[jobs[index].setting.image_size], device)
+
+
+def run_all(jobs: list[Job], device: torch.device, argv: list[str], workers: int = 1) -> tuple[list[Run], str]:
+    """Train every job (data resized once per input size), in `workers` forked processes of
+    one thread each when more than one; the runs in plan order and a header line that says how
+    they were made."""
+    global _FORKED
     backend = warm_up_backend(device)
     data = load_digits_split(device)
     resized = {size: data.resized(size) for size in {j.setting.image_size for j in jobs}}
     started = time.perf_counter()
-    runs = []
-    bar = tqdm(jobs, desc="runs")
-    for job in bar:
-        bar.set_postfix_str(f"{job.setting.name} {job.spec.name} lr={job.lr:g} seed={job.seed}")
-        runs.append(train_run(job, resized[job.setting.image_size], device))
+    if workers > 1:
+        _FORKED = (jobs, resized, device)
+        with multiprocessing.get_context("fork").Pool(workers, torch.set_num_threads, (1,)) as pool:
+            runs = list(tqdm(pool.imap(_train_forked, range(len(jobs))), total=len(jobs), desc="runs"))
+        _FORKED = ()
+    else:
+        runs = []
+        bar = tqdm(jobs, desc="runs")
+        for job in bar:
+            bar.set_postfix_str(f"{job.setting.name} {job.spec.name} lr={job.lr:g} seed={job.seed}")
+            runs.append(train_run(job, resized[job.setting.image_size], device))
     minutes = (time.perf_counter() - started) / 60
+    how = f"{workers} processes of 1 thread" if workers > 1 else f"{torch.get_num_threads()} threads"
     header = (f"`{shlex.join(['python', '-m', 'bench.train', *argv])}`: {len(runs)} runs in {minutes:.1f} min "
-              f"on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-              f"multilevel_hd backend {backend!r}.")
+              f"on {device} ({how}), torch {torch.__version__}, multilevel_hd backend {backend!r}.")
     return runs, header
 
 
@@ -69,7 +88,7 @@ def compare(args, argv: list[str]) -> None:
     jobs = plan(args.models.split(","), args.quick, args.seeds)
     settings_md = settings_table(jobs)
     print(settings_md, flush=True)
-    runs, header = run_all(jobs, torch.device(args.device), argv)
+    runs, header = run_all(jobs, torch.device(args.device), argv, args.workers)
     write_report(runs, settings_md, header, out)
 
 
@@ -81,7 +100,7 @@ def robustness(args, argv: list[str]) -> None:
     jobs = study.plan(args.models.split(","), args.quick, args.seeds)
     settings_md = settings_table(jobs)
     print(settings_md, flush=True)
-    runs, header = run_all(jobs, torch.device(args.device), argv)
+    runs, header = run_all(jobs, torch.device(args.device), argv, args.workers)
     stats = study.robustness(runs, study.QUICK_FACTORS if args.quick else study.FACTORS)
     tables = (f"## Worst case over the lr grid (mean over seeds at the worst lr)\n\n{robustness_summary_table(stats)}"
               f"\n\n## Per model\n\n{robustness_model_tables(stats)}")
@@ -119,6 +138,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (default 1: the digits models are too small to gain from more, "
                          "and on a shared machine 2 threads ran 2-10x slower)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="CPU runs in this many forked processes of one thread each (default 1); "
+                         "--workers 2 fills a 2-core machine")
     ap.add_argument("--robustness", action="store_true",
                     help="the lr-robustness study (x0.03 .. x30 of each family's default lr); with --quick its smoke run")
     ap.add_argument("--throughput", action="store_true", help="images/s of a ResNet-50 step per optimizer")
@@ -131,6 +153,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = set(args.models.split(",")) - set(SETTINGS)
     if unknown:
         ap.error(f"unknown model(s) {sorted(unknown)}; choose from {', '.join(SETTINGS)}")
+    if args.workers < 1 or (args.workers > 1 and torch.device(args.device).type != "cpu"):
+        ap.error("--workers must be 1, or more on --device cpu")
     return args
 
 
