@@ -65,8 +65,9 @@ class Run:
     rates: list[dict] = field(default_factory=list)  # rate_snapshot() at the same steps (log_rates)
 
     def outcome(self) -> str:
-        """"diverged": the loss went non-finite, or blew up and ended at chance (a dead net);
-        "stalled": ended at chance without blowing up (a rate too small to start); else "ok"."""
+        """"diverged": the loss went non-finite, or blew up past twice its start and ended at
+        chance; "stalled": ended at chance without such a spike (a rate too small to start, or
+        a net whose ReLUs died quietly at a large rate); else "ok"."""
         losses = np.array(self.losses + [self.train_loss], dtype=float)
         if not np.isfinite(losses).all():
             return "diverged"
