@@ -8,8 +8,9 @@ learning rates and several seeds. Writes a table (Markdown, CSV) and figures to 
     python -m bench.train                       the full comparison (about 20 min on one CPU thread)
     python -m bench.train --quick               smoke run, under 3 min: every model, fewer runs
     python -m bench.train --device cuda         the same on a GPU
-    python -m bench.train --robustness          the lr-robustness study: x0.03 .. x30 of each family's
-                                                default lr, shorter runs (about 25 min on a shared 2-core CPU)
+    python -m bench.train --robustness --workers 2
+                                                the lr-robustness study: x0.03 .. x30 of each family's
+                                                default lr, shorter runs (34 min on a busy 2-core CPU)
     python -m bench.train --robustness --quick  its smoke run, seconds per model
     python -m bench.train --throughput --device cuda
                                                 images/s of a ResNet-50 training step per optimizer

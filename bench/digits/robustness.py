@@ -16,8 +16,8 @@ from .tables import Row, summarize
 FACTORS = (0.03, 0.1, 1, 10, 30)  # initial lr / family default: three decades around it
 QUICK_FACTORS = (0.03, 30)
 SEEDS, QUICK_SEEDS = 3, 1
-# Shorter runs than the comparison's, so that the study takes about 25 min on a shared 2-core
-# machine; ResNet-18 on the native 8x8 digits (four times cheaper than 16x16).
+# Shorter runs than the comparison's (the study took 34 min with --workers 2 on a 2-core machine
+# at load 9); ResNet-18 on the native 8x8 digits (four times cheaper than 16x16).
 STUDY_RUNS = {
     "ffn": dict(epochs=10, quick_epochs=1),  # 210 steps
     "lenet5": dict(epochs=4, quick_epochs=1),  # 84 steps
