@@ -13,7 +13,7 @@ import math
 import torch
 
 from .hierarchy import TensorLayout, tensor_units, unit_shape, unit_view
-from .options import GroupOptions
+from .options import MAX_UNNORMALISED_WEIGHT, GroupOptions
 from .state import GroupJob, compute_dtype, record_applied_rates
 
 name = "reference"
@@ -226,7 +226,7 @@ def _new_weights(opts, w, old, sums, grads, u_prev, hd_prev) -> torch.Tensor:
         u_sq = sum((u * u).sum() for u in u_prev).to(w.dtype)
         denom = torch.sqrt(r * u_sq)
         w = w * torch.where(denom > 0, 1 + opts.combination_lr * a_dot_s / denom, 1.0)
-    w = torch.clamp(w, min=0)
+    w = torch.clamp(w, min=0, max=MAX_UNNORMALISED_WEIGHT)  # (a sum that cannot overflow)
     total = w.sum()
     return w / total if total > 0 else torch.full_like(w, 1 / len(levels))
 
