@@ -96,7 +96,7 @@ def _adam_direction(m, v, step: float, opts: GroupOptions) -> torch.Tensor:
     step = max(step, 1.0)  # a parameter that never stepped has m = v = 0, so u = 0
     m_hat = m / (1 - opts.beta1**step)
     v_hat = v / (1 - opts.beta2**step)
-    return m_hat / (torch.sqrt(v_hat) + opts.eps)
+    return torch.where(m == 0, m_hat, m_hat / (torch.sqrt(v_hat) + opts.eps))  # (not 0/0 with eps = 0)
 
 
 def _second_moment(st: dict, opts: GroupOptions) -> torch.Tensor:

@@ -134,3 +134,18 @@ def test_the_paper_additive_rule_fails_the_schedule_check():
     rate_c, weight_c, _ = _moves("adamw", 1e-2, "constant", paper)
     rate_s, weight_s, _ = _moves("adamw", 1e-2, "one_cycle", paper)
     assert rate_s > 10 * rate_c and weight_s > max(10 * weight_c, WEIGHT_MOVE_FLOOR)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_adam_eps_zero_with_a_late_first_gradient(backend):
+    """eps=0 (a legal Adam option): a parameter whose first gradient comes at step 3 has
+    u_prev = 0 there (SPEC: it never stepped), not m / sqrt(v) = 0/0, which made every rate and
+    parameter NaN on all backends."""
+    params = make_params(dtype=torch.float32, shapes=SHAPES)
+    opt = mlhd.MultiLevelAdam(params, lr=1e-2, eps=0.0, backend=backend)
+    gradfn = GradFn(SHAPES)
+    for s in range(4):
+        for i, p in enumerate(params):
+            p.grad = gradfn.grad(s, i, p) if i == 0 or s >= 2 else None
+        opt.step()
+    assert _finite(opt)
