@@ -28,8 +28,8 @@ DEFAULT_MULTIPLICATIVE_BETA = 0.02  # Baydin et al.'s HDM example
 # relative pace is beta * S / lr, so at a small lr (1e-28, 1e-12) or under OneCycleLR (rates
 # learned at max_lr / 25 and the step carrying the scheduler's factor) the rates and weights
 # ran away, up to NaN. The multiplicative rule moves a rate by at most the fraction
-# beta * w_k per step whatever the lr or the schedule, and never makes a positive rate
-# negative or infinite in any number of steps a run takes.
+# beta * w_k per step whatever the lr or the schedule (a positive rate stays positive and
+# grows by at most (1 + beta)^t), so a schedule shapes the applied rate and nothing else.
 DEFAULT_RULE = "multiplicative"
 # The weights' multiplicative step `w_k (1 + delta cos_k)` moves them only through the
 # difference between the levels' cosines (a common factor cancels in w / sum(w)), which is

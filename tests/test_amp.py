@@ -38,8 +38,8 @@ CASES = [
     ("sgd-momentum-maximize", "SGD",
      dict(lr=0.05, momentum=0.9, hypergrad_rule="additive", hypergrad_lr=1e-3, levels=("layer", "param"), maximize=True), -1.0),
     ("sgd-nesterov-coupled-decay", "SGD",
-     dict(lr=0.05, momentum=0.9, nesterov=True, hypergrad_lr=1e-3, levels=("global", "unit"),
-          weight_decay=0.05), 1.0),
+     dict(lr=0.05, momentum=0.9, nesterov=True, hypergrad_rule="additive", hypergrad_lr=1e-3,
+          levels=("global", "unit"), weight_decay=0.05), 1.0),
 ]
 CLASSES = {"Adam": mlhd.MultiLevelAdam, "SGD": mlhd.MultiLevelSGD}
 
