@@ -58,8 +58,8 @@ def test_finite_at_every_lr_and_dtype(backend, name, rule, dtype):
     """Rates, weights, state and parameters stay finite for every lr in LRS (one group each),
     wherever the torch.optim twin with the same lrs does. The paper's derived combination_lr
     overflowed float32 below lr ~1e-23 (NaN parameters from step 2)."""
-    if backend == "triton" and (rule != "defaults" or dtype not in (torch.float32, torch.float64)):
-        pytest.skip("the Triton interpreter is slow: the defaults in float32 and float64 only")
+    if backend == "triton" and (rule != "defaults" or dtype != torch.float32):
+        pytest.skip("the Triton interpreter is slow: the defaults in float32 only (float64 groups step with torch)")
     cls, twin_cls, extra = CLASSES[name]
     twin = twin_cls(_groups(dtype), **extra)
     _run(twin)
