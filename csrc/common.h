@@ -230,9 +230,11 @@ MLHD_HD T effective_grad(T g, T p, const Coef<T>& k) {
 }
 
 // Adam's direction without the 1 / (1 - b1^s) factor, which callers apply to sums or kappa.
+// m = 0 gives m itself (what the division gives wherever it is defined): with eps = 0 a
+// parameter that never stepped (m = v = 0) has u_prev = 0, not 0/0 (SPEC section 2, step 3).
 template <typename T>
 MLHD_HD T adam_unscaled(T m, T v, T rsqrt_bc2, T eps) {
-  return m / (std::sqrt(v) * rsqrt_bc2 + eps);
+  return m == T(0) ? m : m / (std::sqrt(v) * rsqrt_bc2 + eps);
 }
 
 template <typename T>

@@ -15,6 +15,8 @@ namespace mlhd {
 enum Level { kGlobalLevel, kLayerLevel, kUnitLevel, kParamLevel, kNumLevels };
 constexpr int kCoarseLevels = kParamLevel;  // the levels with a rate array in the group state
 constexpr int kNoLevel = -1;
+// multilevel_hd/options.py's MAX_UNNORMALISED_WEIGHT: float32's largest number over 4 levels.
+constexpr double kMaxUnnormalisedWeight = 3.4028234663852886e38 / kNumLevels;
 
 // The coefficient buffer the stage writes and the apply op reads: these scalars, then kappa
 // per unit, then the param level's shrinkage target per unit (cpp_backend.py slices it).
@@ -179,7 +181,8 @@ MLHD_HD GroupStep<T> update_group(const LevelArgs& a, const double* total) {
       } else {
         x = g.w[lv] + T(a.delta) * g.hd_prev * dot[lv];
       }
-      new_w[lv] = x < 0 ? T(0) : x;  // NaN stays NaN
+      // into [0, options.MAX_UNNORMALISED_WEIGHT] (NaN stays NaN): the sum stays finite
+      new_w[lv] = x < 0 ? T(0) : x > kMaxUnnormalisedWeight ? T(kMaxUnnormalisedWeight) : x;
       sum += new_w[lv];
     }
     for (int lv = 0; lv < kNumLevels; ++lv)

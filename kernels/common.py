@@ -113,8 +113,9 @@ def adam_direction(m, v, bc1, bc2, eps):
 
     IEEE-rounded, as torch.optim's fused Adam and the cuda backend: on CUDA `/` and
     tl.sqrt compile to approximations (div.full.f32, sqrt.approx.ftz.f32);
-    tests/test_triton_ptx.py checks the PTX."""
-    return tl.div_rn(tl.div_rn(m, bc1), tl.sqrt_rn(tl.div_rn(v, bc2)) + eps)
+    tests/test_triton_ptx.py checks the PTX. m = 0 gives m itself (what the division gives
+    wherever it is defined): with eps = 0 a parameter that never stepped has u_prev = 0."""
+    return tl.where(m == 0.0, m, tl.div_rn(tl.div_rn(m, bc1), tl.sqrt_rn(tl.div_rn(v, bc2)) + eps))
 
 
 @triton.jit

@@ -30,6 +30,8 @@ is a serial loop of ceil(units / BLOCK) tiles in that program.
 import triton
 import triton.language as tl
 
+from ..options import MAX_UNNORMALISED_WEIGHT as _MAX_UNNORMALISED_WEIGHT
+
 # Rows of the scratch buffer (float32 [SCRATCH_ROWS * n_layers + SNAP_SIZE]), one entry per layer.
 ROW_S = tl.constexpr(0)  # sum of S over the layer's units
 ROW_QG = tl.constexpr(1)  # sum of Qg
@@ -45,6 +47,7 @@ SNAP_GLOBAL = tl.constexpr(2)
 SNAP_WEIGHTS = tl.constexpr(3)  # K entries
 SNAP_SIZE = tl.constexpr(8)
 MAX_LEVELS = tl.constexpr(4)
+MAX_UNNORMALISED_WEIGHT = tl.constexpr(_MAX_UNNORMALISED_WEIGHT)  # the weights' cap before normalising
 # The coefficient buffer (float32 [OUT_UNITS + 2 * n_units]) the step kernel reads.
 OUT_GATE = tl.constexpr(0)
 OUT_HD_GATE = tl.constexpr(1)
@@ -303,6 +306,7 @@ def level_update_kernel(
             else:
                 new_w = w + delta * hd_prev * a_dot_s
             new_w = tl.maximum(new_w, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            new_w = tl.minimum(new_w, MAX_UNNORMALISED_WEIGHT, propagate_nan=tl.PropagateNan.ALL)
             new_w = tl.where(k < K, new_w, 0.0)
             total = tl.sum(new_w)
             new_w = tl.where(total > 0.0, tl.div_rn(new_w, total), 1.0 / K)

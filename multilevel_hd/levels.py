@@ -22,6 +22,7 @@ import torch
 import torch.distributed
 
 from .hierarchy import StepPlan
+from .options import MAX_UNNORMALISED_WEIGHT
 from .state import GROUP_RATE_KEYS, GroupJob, record_applied_rates
 
 COARSE_LEVELS = ("global", "layer", "unit")
@@ -156,7 +157,7 @@ def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
             new_w = w * torch.where(denom > 0, 1 + opts.combination_lr * a_dot_s / denom, 1.0)
         else:
             new_w = w + opts.combination_lr * hd_prev * a_dot_s
-        new_w = new_w.clamp(min=0)
+        new_w = new_w.clamp(min=0, max=MAX_UNNORMALISED_WEIGHT)
         total = new_w.sum()
         new_w = torch.where(total > 0, new_w / total, 1.0 / len(opts.levels))
         gs["weights"].copy_(torch.where(hd_gate > 0, new_w, w))

@@ -16,7 +16,7 @@ import torch
 
 from . import backends, fsdp
 from .hierarchy import GroupLayout, StepPlan
-from .options import DEFAULT_LEVELS, check_nonnegative, check_twin_options, lr_scale, resolve
+from .options import DEFAULT_LEVELS, DEFAULT_RULE, check_nonnegative, check_twin_options, lr_scale, resolve
 from .reference import applied_rate, rate_view
 from .state import (
     GroupJob,
@@ -30,7 +30,7 @@ from .state import (
 )
 
 _HD_DEFAULTS = dict(
-    levels=DEFAULT_LEVELS, init_weights=None, hypergrad_lr=None, hypergrad_rule="additive",
+    levels=DEFAULT_LEVELS, init_weights=None, hypergrad_lr=None, hypergrad_rule=DEFAULT_RULE,
     hypergrad_scaling="size", combination_lr=None, shrinkage=None, rate_bounds=(0.0, None),
     hd_decay=0.0, final_lr=None, skip_nonfinite=True, backend="auto",
 )
@@ -479,13 +479,13 @@ def _resolve(group: dict, kind: str):
 
 
 def _lr_scale_tensor(lr, base: float, device, dtype) -> torch.Tensor:
-    """An LR scheduler's factor lr / base (1 for a base of 0) as a 0-d tensor on `device`,
-    from a float or a tensor lr without reading it (a CPU lr is copied without waiting)."""
+    """An LR scheduler's factor (options.lr_scale: lr / base; for a base of 0, 0 while lr is
+    0) as a 0-d tensor on `device`, from a float or a tensor lr without reading it (a CPU lr
+    is copied without waiting)."""
     scale = torch.ones((), dtype=torch.float64, device=device)
-    if base > 0:
-        if isinstance(lr, torch.Tensor):
-            lr = lr.to(device=device, dtype=torch.float64, non_blocking=True)
-        scale = scale * lr / base
+    if isinstance(lr, torch.Tensor):
+        lr = lr.to(device=device, dtype=torch.float64, non_blocking=True)
+    scale = scale * lr / base if base > 0 else scale * (lr > 0)
     return scale.to(dtype)
 
 
@@ -567,7 +567,7 @@ class MultiLevelSGD(_MultiLevelOptimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False,
                  weight_decay=0.0, maximize=False, *, levels=DEFAULT_LEVELS, init_weights=None,
-                 hypergrad_lr=None, hypergrad_rule="additive", hypergrad_scaling="size",
+                 hypergrad_lr=None, hypergrad_rule=DEFAULT_RULE, hypergrad_scaling="size",
                  combination_lr=None, shrinkage=None, rate_bounds=(0.0, None), hd_decay=0.0,
                  final_lr=None, skip_nonfinite=True, backend="auto", sharding_group=None,
                  foreach=None, fused=None, differentiable=False, amp_unscale_in_step=None):
@@ -595,7 +595,7 @@ class MultiLevelAdam(_MultiLevelOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
                  decoupled_weight_decay=False, maximize=False, *, levels=DEFAULT_LEVELS,
-                 init_weights=None, hypergrad_lr=None, hypergrad_rule="additive",
+                 init_weights=None, hypergrad_lr=None, hypergrad_rule=DEFAULT_RULE,
                  hypergrad_scaling="size", combination_lr=None, shrinkage=None,
                  rate_bounds=(0.0, None), hd_decay=0.0, final_lr=None, skip_nonfinite=True,
                  backend="auto", sharding_group=None, foreach=None, fused=None, capturable=False,

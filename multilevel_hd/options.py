@@ -26,6 +26,30 @@ DEFAULT_ADDITIVE_BETA = {"adam": 1e-8, "sgd": 1e-6}  # the paper's ResNet settin
 DEFAULT_MULTIPLICATIVE_BETA = 0.02  # Baydin et al.'s HDM example
 NESTEROV_MESSAGE = "Nesterov momentum requires a momentum and zero dampening"  # torch.optim.SGD's
 
+# The default rule (SPEC section 5, "Safety of the defaults"; README, "The defaults", measured by
+# tests/schedule_study.py). The additive rule's step does not scale with the rate: its
+# relative pace is beta * S / lr, so at a small lr (1e-28, 1e-12) or under OneCycleLR (rates
+# learned at max_lr / 25 and the step carrying the scheduler's factor) the rates and weights
+# ran away, up to NaN. The multiplicative rule moves a rate by at most the fraction
+# beta * w_k per step whatever the lr or the schedule (a positive rate stays positive and
+# grows by at most (1 + beta)^t), so a schedule shapes the applied rate and nothing else.
+DEFAULT_RULE = "multiplicative"
+# The weights' multiplicative step `w_k (1 + delta cos_k)` moves them only through the
+# difference between the levels' cosines (a common factor cancels in w / sum(w)), which is
+# small: with delta = min(beta) = 0.02 the weights never left 0.8 / 0.2 in the study.
+# delta is kept below 1 so that a factor never reaches 0.
+DEFAULT_MULTIPLICATIVE_DELTA = 0.5
+# The additive rule's derived delta `min(beta) / lr**2` overflows float32 below lr ~ 1e-23
+# (and the division itself below ~1e-154); it is capped at float32's largest number, so
+# that it reaches the float32 kernels finite and is what it was wherever it did.
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_DERIVED_COMBINATION_LR = FLOAT32_MAX
+# Before they are normalised the weights are clamped into [0, MAX_UNNORMALISED_WEIGHT]: a
+# weight step that overflows (an explicit additive delta at a tiny lr) would give inf / inf =
+# NaN weights; capped, the sum of up to four weights stays finite in float32. Every backend's
+# level stage applies it (csrc/levels.h and kernels/level_stage.py write the same constant).
+MAX_UNNORMALISED_WEIGHT = FLOAT32_MAX / 4
+
 
 @dataclass(frozen=True)
 class GroupOptions:
@@ -146,8 +170,12 @@ def check_twin_options(kind: str, options: dict) -> None:
 
 
 def lr_scale(lr, base_lr):
-    """An LR scheduler's factor: the group's lr now over its base lr (1 for a base of 0)."""
-    return lr / base_lr if base_lr > 0 else 1.0
+    """An LR scheduler's factor: the group's lr now over its base lr. For a base of 0 it is 0
+    while the lr is 0 (the group is frozen, as in torch.optim, whatever its rates would
+    learn) and 1 once a hand edit gives it an lr."""
+    if base_lr > 0:
+        return lr / base_lr
+    return 1.0 if lr > 0 else 0.0
 
 
 def _levels(group) -> tuple[str, ...]:
@@ -215,10 +243,10 @@ def resolve(group: dict, kind: str) -> GroupOptions:
 
     delta = group["combination_lr"]
     if delta is None:
-        if rule == "multiplicative":
-            delta = min(beta.values())
+        if rule == "multiplicative":  # 0 with hypergrad_lr=0: then exactly torch.optim
+            delta = DEFAULT_MULTIPLICATIVE_DELTA if max(beta.values()) > 0 else 0.0
         else:  # moves the weights at the rates' relative pace; no pace to match at lr 0
-            delta = min(beta.values()) / lr**2 if lr > 0 else 0.0
+            delta = min(min(beta.values()) / lr / lr, MAX_DERIVED_COMBINATION_LR) if lr > 0 else 0.0
     else:
         check_nonnegative("combination_lr", delta)
 

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .hierarchy import TensorLayout, tensor_units, unit_shape, unit_view
-from .options import GroupOptions
+from .options import MAX_UNNORMALISED_WEIGHT, GroupOptions
 from .state import GroupJob, compute_dtype, record_applied_rates
 
 name = "reference"
@@ -96,7 +96,7 @@ def _adam_direction(m, v, step: float, opts: GroupOptions) -> torch.Tensor:
     step = max(step, 1.0)  # a parameter that never stepped has m = v = 0, so u = 0
     m_hat = m / (1 - opts.beta1**step)
     v_hat = v / (1 - opts.beta2**step)
-    return m_hat / (torch.sqrt(v_hat) + opts.eps)
+    return torch.where(m == 0, m_hat, m_hat / (torch.sqrt(v_hat) + opts.eps))  # (not 0/0 with eps = 0)
 
 
 def _second_moment(st: dict, opts: GroupOptions) -> torch.Tensor:
@@ -226,7 +226,7 @@ def _new_weights(opts, w, old, sums, grads, u_prev, hd_prev) -> torch.Tensor:
         u_sq = sum((u * u).sum() for u in u_prev).to(w.dtype)
         denom = torch.sqrt(r * u_sq)
         w = w * torch.where(denom > 0, 1 + opts.combination_lr * a_dot_s / denom, 1.0)
-    w = torch.clamp(w, min=0)
+    w = torch.clamp(w, min=0, max=MAX_UNNORMALISED_WEIGHT)  # (a sum that cannot overflow)
     total = w.sum()
     return w / total if total > 0 else torch.full_like(w, 1 / len(levels))
 

@@ -28,9 +28,11 @@ class Case:
         return self.name
 
 
-SGD = dict(lr=0.05, hypergrad_lr=1e-5)
-ADAM = dict(lr=0.01, hypergrad_lr=3e-6)
-ADAMW = dict(lr=0.01, hypergrad_lr=3e-6, weight_decay=0.1)
+# The paper's additive rule unless a case names another: these hypergrad_lr values are its
+# (the default rule is the multiplicative one since issue 20; its cases pass it too).
+SGD = dict(lr=0.05, hypergrad_lr=1e-5, hypergrad_rule="additive")
+ADAM = dict(lr=0.01, hypergrad_lr=3e-6, hypergrad_rule="additive")
+ADAMW = dict(lr=0.01, hypergrad_lr=3e-6, weight_decay=0.1, hypergrad_rule="additive")
 BASE = {"SGD": SGD, "Adam": ADAM, "AdamW": ADAMW}
 
 

@@ -36,14 +36,14 @@ LEVELS = ("global", "layer", "unit", "param")
 # move by well over 1 % in STEPS steps (test_rates_move checks it), so the comparisons
 # below are not vacuous.
 CASES = [
-    ("adam-all-levels", "Adam", dict(lr=0.01, hypergrad_lr=1e-4, levels=LEVELS), 1.0),
+    ("adam-all-levels", "Adam", dict(lr=0.01, hypergrad_rule="additive", hypergrad_lr=1e-4, levels=LEVELS), 1.0),
     ("adam-coupled-decay", "Adam",
-     dict(lr=0.01, hypergrad_lr=1e-4, levels=("global", "unit", "param"), weight_decay=0.1), 1.0),
+     dict(lr=0.01, hypergrad_rule="additive", hypergrad_lr=1e-4, levels=("global", "unit", "param"), weight_decay=0.1), 1.0),
     ("sgd-momentum-maximize", "SGD",
-     dict(lr=0.05, momentum=0.9, hypergrad_lr=1e-3, levels=("layer", "param"), maximize=True), -1.0),
+     dict(lr=0.05, momentum=0.9, hypergrad_rule="additive", hypergrad_lr=1e-3, levels=("layer", "param"), maximize=True), -1.0),
     ("sgd-nesterov-coupled-decay", "SGD",
-     dict(lr=0.05, momentum=0.9, nesterov=True, hypergrad_lr=1e-3, levels=("global", "unit"),
-          weight_decay=0.05), 1.0),
+     dict(lr=0.05, momentum=0.9, nesterov=True, hypergrad_rule="additive", hypergrad_lr=1e-3,
+          levels=("global", "unit"), weight_decay=0.05), 1.0),
 ]
 CLASSES = {"Adam": mlhd.MultiLevelAdam, "SGD": mlhd.MultiLevelSGD}
 
@@ -210,8 +210,8 @@ def test_grad_scaler_is_exact_float64_and_mixed(backend):
     for scaler in (_scaler(), None):
         params = make_params(torch.float64, DEVICE, 0, shapes)
         params[1] = params[1].detach().float().requires_grad_()
-        opt = mlhd.MultiLevelAdam(params, backend=backend, lr=0.01, hypergrad_lr=1e-4, levels=LEVELS,
-                                  weight_decay=0.1, maximize=True, **IN_STEP)
+        opt = mlhd.MultiLevelAdam(params, backend=backend, lr=0.01, hypergrad_rule="additive", hypergrad_lr=1e-4,
+                                  levels=LEVELS, weight_decay=0.1, maximize=True, **IN_STEP)
         gradfn = GradFn(shapes, sign=-1.0)
         for s in range(STEPS):
             opt.zero_grad()
@@ -273,8 +273,8 @@ def test_unscale_then_clip(backend):
 # -------------------------------------------------------------------------------------------
 # 4. half precision parameters
 HALF_CASES = [
-    ("Adam", dict(lr=0.01, hypergrad_lr=3e-6, levels=LEVELS, init_weights=(1, 2, 3, 4))),
-    ("SGD", dict(lr=0.05, momentum=0.9, hypergrad_lr=1e-5, levels=("global", "unit", "param"))),
+    ("Adam", dict(lr=0.01, hypergrad_rule="additive", hypergrad_lr=3e-6, levels=LEVELS, init_weights=(1, 2, 3, 4))),
+    ("SGD", dict(lr=0.05, momentum=0.9, hypergrad_rule="additive", hypergrad_lr=1e-5, levels=("global", "unit", "param"))),
 ]
 # Measured on the CPU (cpp, torch, triton vs reference, 6 steps): parameters identical,
 # rates within 2e-8 and weights within 4e-7, while the rates move by 5e-4 to 2e-2 and the

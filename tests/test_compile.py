@@ -35,8 +35,8 @@ HAS_CPP = "cpp" in CPU_BACKENDS
 
 CONFIGS = {
     # Adam, additive rule, every level, coupled weight decay and an annealed rate
-    "adam": (mlhd.MultiLevelAdam, dict(lr=1e-2, levels=ALL, hypergrad_lr=1e-3, weight_decay=1e-2,
-                                       hd_decay=0.05)),
+    "adam": (mlhd.MultiLevelAdam, dict(lr=1e-2, levels=ALL, hypergrad_rule="additive", hypergrad_lr=1e-3,
+                                       weight_decay=1e-2, hd_decay=0.05)),
     # SGD with Nesterov momentum, multiplicative rule, shrinkage, maximize (of -loss)
     "sgdn-mult": (mlhd.MultiLevelSGD, dict(lr=1e-2, momentum=0.9, nesterov=True, levels=ALL,
                                            hypergrad_rule="multiplicative", hypergrad_lr=0.1,

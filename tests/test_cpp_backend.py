@@ -108,7 +108,7 @@ def test_layouts_the_kernels_cannot_walk(backend):
     runs = {}
     for name in (backend, "reference"):
         params = _odd_layout_params(DEVICE if name != "reference" else "cpu")
-        opt = mlhd.MultiLevelAdam(params, lr=0.01, hypergrad_lr=3e-6, levels=("global", "layer", "unit", "param"),
+        opt = mlhd.MultiLevelAdam(params, lr=0.01, hypergrad_rule="additive", hypergrad_lr=3e-6, levels=("global", "layer", "unit", "param"),
                                   init_weights=(1, 2, 3, 4), backend=name)
         history = []
         for step in range(4):

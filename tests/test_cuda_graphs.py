@@ -22,9 +22,9 @@ pytestmark = pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need 
 
 WARMUP, REPLAYS = 3, 5
 CASES = {
-    "adam-all-levels": (mlhd.MultiLevelAdam, dict(lr=0.01, hypergrad_lr=3e-6,
+    "adam-all-levels": (mlhd.MultiLevelAdam, dict(lr=0.01, hypergrad_rule="additive", hypergrad_lr=3e-6,
                                                   levels=("global", "layer", "unit", "param"))),
-    "sgd-nesterov-default-levels": (mlhd.MultiLevelSGD, dict(lr=0.05, hypergrad_lr=1e-5, momentum=0.9,
+    "sgd-nesterov-default-levels": (mlhd.MultiLevelSGD, dict(lr=0.05, hypergrad_rule="additive", hypergrad_lr=1e-5, momentum=0.9,
                                                              nesterov=True)),
 }
 

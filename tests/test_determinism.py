@@ -42,7 +42,7 @@ def test_thread_count_does_not_change_a_step(backend):
         for n in (1, 2):
             torch.set_num_threads(n)
             ps = [p.clone().requires_grad_() for p in init]
-            opt = mlhd.MultiLevelAdam(ps, levels=("global", "layer", "unit"), hypergrad_lr=1e-6,
+            opt = mlhd.MultiLevelAdam(ps, levels=("global", "layer", "unit"), hypergrad_rule="additive", hypergrad_lr=1e-6,
                                       combination_lr=1e3, backend=backend)
             for step_grads in grads:
                 for p, g in zip(ps, step_grads):

@@ -16,7 +16,7 @@ def make_opt():
     return mlhd.MultiLevelAdam(
         [dict(params=params[:split], levels=("global", "layer", "unit", "param")),
          dict(params=params[split:], levels=("param", "global"), lr=3e-3)],
-        hypergrad_lr=1e-4, combination_lr=30.0,
+        hypergrad_rule="additive", hypergrad_lr=1e-4, combination_lr=30.0,
     )
 
 

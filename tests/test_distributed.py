@@ -34,8 +34,9 @@ LEVELS = ("global", "layer", "unit", "param")
 # "auto" and every concrete CPU backend; Triton on the CPU is its slow interpreter.
 BACKENDS = ["auto"] + [b for b in available_backends(torch.device("cpu")) if b not in ("reference", "triton")]
 OPTIMIZERS = {  # large hyper-gradient rates, so that rates and weights visibly move in 5 steps
-    "adam": (mlhd.MultiLevelAdam, dict(lr=1e-2, hypergrad_lr=1e-3)),
-    "sgd-nesterov": (mlhd.MultiLevelSGD, dict(lr=0.1, momentum=0.9, nesterov=True, hypergrad_lr=1e-2)),
+    "adam": (mlhd.MultiLevelAdam, dict(lr=1e-2, hypergrad_rule="additive", hypergrad_lr=1e-3)),
+    "sgd-nesterov": (mlhd.MultiLevelSGD, dict(lr=0.1, momentum=0.9, nesterov=True, hypergrad_rule="additive",
+                                              hypergrad_lr=1e-2)),
 }
 CASES = [(name, backend) for name in OPTIMIZERS for backend in BACKENDS]
 

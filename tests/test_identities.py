@@ -94,12 +94,12 @@ def test_global_level_is_baydin_hd(backend, name, cfg, scaling):
     if name == "Adam-HD":
         expected = baydin_adam_hd(params, gf, lr, beta, STEPS)
         opt_params = [p.detach().clone().to(DEVICE).requires_grad_() for p in params]
-        opt = mlhd.MultiLevelAdam(opt_params, lr=lr, levels=("global",), hypergrad_lr=beta,
+        opt = mlhd.MultiLevelAdam(opt_params, lr=lr, levels=("global",), hypergrad_rule="additive", hypergrad_lr=beta,
                                   hypergrad_scaling=scaling, rate_bounds=None, backend=backend)
     else:
         expected = baydin_sgd_hd(params, gf, lr, beta, STEPS, **cfg)
         opt_params = [p.detach().clone().to(DEVICE).requires_grad_() for p in params]
-        opt = mlhd.MultiLevelSGD(opt_params, lr=lr, levels=("global",), hypergrad_lr=beta,
+        opt = mlhd.MultiLevelSGD(opt_params, lr=lr, levels=("global",), hypergrad_rule="additive", hypergrad_lr=beta,
                                  hypergrad_scaling=scaling, rate_bounds=None, backend=backend,
                                  **cfg)
     assert abs(expected[-1][1] - lr) > 0.1 * lr, "the rate must move for this test to bite"

@@ -72,8 +72,8 @@ def test_rates_unbounded_with_rate_bounds_none(backend, dtype):
 
 
 SIMPLEX_CASES = [
-    ("additive", dict(lr=0.05, hypergrad_lr=1e-4, combination_lr=10.0), True),
-    ("additive-adam", dict(lr=0.01, hypergrad_lr=1e-4, combination_lr=30.0), False),
+    ("additive", dict(lr=0.05, hypergrad_rule="additive", hypergrad_lr=1e-4, combination_lr=10.0), True),
+    ("additive-adam", dict(lr=0.01, hypergrad_rule="additive", hypergrad_lr=1e-4, combination_lr=30.0), False),
     ("multiplicative", dict(lr=0.05, hypergrad_lr=0.1, hypergrad_rule="multiplicative",
                             combination_lr=10.0), False),
 ]
@@ -529,23 +529,23 @@ def test_defaults(backend):
     def same(a, b, label):
         assert_trajectories_close(a[0], b[0], TIGHT, label=label)
 
-    # hypergrad_lr / combination_lr defaults (additive: 1e-6 SGD, 1e-8 Adam; min(beta)/lr^2)
-    same(_traj("SGD", backend, lr=0.05), _traj("SGD", backend, lr=0.05, hypergrad_lr=1e-6,
-                                                 combination_lr=1e-6 / 0.05 ** 2), "SGD defaults")
-    same(_traj("Adam", backend, lr=0.01), _traj("Adam", backend, lr=0.01, hypergrad_lr=1e-8,
-                                                  combination_lr=1e-8 / 0.01 ** 2), "Adam defaults")
-    same(_traj("SGD", backend, lr=0.05, hypergrad_lr={"global": 3e-6, "unit": 1e-6}),
+    # the rule, hypergrad_lr and combination_lr defaults (options.py; README, "The defaults"):
+    # multiplicative, beta 0.02, delta 0.5
+    mult = dict(hypergrad_rule="multiplicative", hypergrad_lr=0.02, combination_lr=0.5)
+    same(_traj("SGD", backend, lr=0.05), _traj("SGD", backend, lr=0.05, **mult), "SGD defaults")
+    same(_traj("Adam", backend, lr=0.01), _traj("Adam", backend, lr=0.01, **mult), "Adam defaults")
+    same(_traj("SGD", backend, lr=0.05, hypergrad_lr={"global": 0.05, "unit": 0.03}),
+         _traj("SGD", backend, lr=0.05, hypergrad_lr={"global": 0.05, "unit": 0.03}, combination_lr=0.5),
+         "multiplicative combination_lr with a beta per level")
+    # additive: beta 1e-6 SGD, 1e-8 Adam; delta min(beta)/lr^2
+    add = dict(hypergrad_rule="additive")
+    same(_traj("SGD", backend, lr=0.05, **add), _traj("SGD", backend, lr=0.05, hypergrad_lr=1e-6,
+                                                        combination_lr=1e-6 / 0.05 ** 2, **add), "SGD additive")
+    same(_traj("Adam", backend, lr=0.01, **add), _traj("Adam", backend, lr=0.01, hypergrad_lr=1e-8,
+                                                         combination_lr=1e-8 / 0.01 ** 2, **add), "Adam additive")
+    same(_traj("SGD", backend, lr=0.05, hypergrad_lr={"global": 3e-6, "unit": 1e-6}, **add),
          _traj("SGD", backend, lr=0.05, hypergrad_lr={"global": 3e-6, "unit": 1e-6},
-               combination_lr=1e-6 / 0.05 ** 2), "combination_lr = min(beta)/lr^2")
-    # multiplicative: beta 0.02, delta min(beta)
-    same(_traj("Adam", backend, lr=0.01, hypergrad_rule="multiplicative"),
-         _traj("Adam", backend, lr=0.01, hypergrad_rule="multiplicative", hypergrad_lr=0.02,
-               combination_lr=0.02), "multiplicative defaults")
-    same(_traj("SGD", backend, lr=0.05, hypergrad_rule="multiplicative",
-               hypergrad_lr={"global": 0.05, "unit": 0.03}),
-         _traj("SGD", backend, lr=0.05, hypergrad_rule="multiplicative",
-               hypergrad_lr={"global": 0.05, "unit": 0.03}, combination_lr=0.03),
-         "multiplicative combination_lr = min(beta)")
+               combination_lr=1e-6 / 0.05 ** 2, **add), "combination_lr = min(beta)/lr^2")
     # final_lr defaults to lr
     same(_traj("SGD", backend, lr=0.05, hd_decay=0.2, hypergrad_lr=1e-5),
          _traj("SGD", backend, lr=0.05, hd_decay=0.2, hypergrad_lr=1e-5, final_lr=0.05), "final_lr")

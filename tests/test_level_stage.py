@@ -73,8 +73,9 @@ LR = 0.01
 
 
 def _options(levels, lr_scale=1.0, **kw):
-    """GroupOptions as the optimizer resolves them."""
-    multiplicative = kw.get("hypergrad_rule") == "multiplicative"
+    """GroupOptions as the optimizer resolves them (the additive rule unless kw names one)."""
+    kw.setdefault("hypergrad_rule", "additive")
+    multiplicative = kw["hypergrad_rule"] == "multiplicative"
     if kw.get("hypergrad_lr") is None:
         kw["hypergrad_lr"] = 0.05 if multiplicative else 2e-3
     kw.setdefault("combination_lr", 0.5 if multiplicative else 20.0)

@@ -33,7 +33,8 @@ def test_layer_sum_of_many_units_is_accurate(backend, levels):
     lr, beta, w = 1e-6, 1 / exact, 1 / len(levels)
     p = torch.zeros(n, device=_device(backend), requires_grad=True)
     # SGD: u_prev is the last gradient, so the second step's layer rate is lr + beta * w * S
-    opt = mlhd.MultiLevelSGD([p], lr=lr, levels=levels, hypergrad_lr=beta, hypergrad_scaling="none",
+    opt = mlhd.MultiLevelSGD([p], lr=lr, levels=levels, hypergrad_rule="additive", hypergrad_lr=beta,
+                             hypergrad_scaling="none",
                              init_weights=(1,) * len(levels), combination_lr=0.0, rate_bounds=None,
                              backend=backend)
     for g in (g1, g2):

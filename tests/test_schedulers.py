@@ -81,8 +81,8 @@ def test_adam_hd_follows_the_chain_rule_through_the_scheduled_rate():
     beta = 1e-4
     params = make_params()
     mine = [p.detach().clone() for p in params]
-    opt = mlhd.MultiLevelAdam(params, lr=LR, levels=("global",), hypergrad_lr=beta, rate_bounds=None,
-                              backend="reference")
+    opt = mlhd.MultiLevelAdam(params, lr=LR, levels=("global",), hypergrad_rule="additive", hypergrad_lr=beta,
+                              rate_bounds=None, backend="reference")
     sched = warmup(opt)
     factors = [min(1.0, (e + 1) / 4) for e in range(STEPS)]
     gradfn = GradFn()

@@ -136,14 +136,18 @@ def _effective_grad(p, grad, job: GroupJob) -> torch.Tensor:
 def _adam_direction(m, v, step, opts: GroupOptions):
     """Adam's u = x * scale: x = m / (sqrt(v) / sqrt(1 - b2^s) + eps) (amsgrad: v is vmax),
     scale = 1 / (1 - b1^s), s = max(step, 1) (a parameter that never stepped has m = v = 0,
-    hence u = 0). The per-tensor scale is left to the caller, who applies it to something
-    smaller than x. The bias corrections are taken in float64, as torch.optim.Adam takes them
-    on the host: in float32, 1 - 0.999**s is off by 1.3e-5 (0.999 itself rounds)."""
+    hence u = 0, also with eps = 0: m = 0 gives m itself, not 0/0). The per-tensor scale is
+    left to the caller, who applies it to something smaller than x. The bias corrections are
+    taken in float64, as torch.optim.Adam takes them on the host: in float32, 1 - 0.999**s
+    is off by 1.3e-5 (0.999 itself rounds)."""
     s = step.to(torch.float64).clamp(min=1)
     x = torch.sqrt(v, out=_scratch("x", m))
     torch.addcmul(torch.full((), opts.eps, dtype=m.dtype, device=m.device), x,
                   (1 - opts.beta2**s).rsqrt().to(m.dtype), out=x)
-    return torch.div(m, x, out=x), (1 / (1 - opts.beta1**s)).to(m.dtype)
+    x = torch.div(m, x, out=x)
+    if opts.eps == 0:  # only then can the division be 0/0
+        x = torch.where(m == 0, m, x, out=x)
+    return x, (1 / (1 - opts.beta1**s)).to(m.dtype)
 
 
 def _previous_direction(st: dict, opts: GroupOptions):
