@@ -512,11 +512,11 @@ def _traj(cls, backend, steps=8, dtype=torch.float64, **kw):
 def test_defaults(backend):
     # lr and init_weights defaults
     _, o = _traj("SGD", backend, steps=0)
-    assert o.param_groups[0]["lr"] == 1e-2
+    assert o.param_groups[0]["lr"] == 1e-3  # torch.optim.SGD's
     r = o.rates()[0]
     assert set(r) == {"weights", "global", "unit"}
     torch.testing.assert_close(r["weights"].double().cpu(), torch.tensor([0.8, 0.2], dtype=torch.float64))
-    assert float(r["global"]) == pytest.approx(1e-2, rel=1e-7)
+    assert float(r["global"]) == pytest.approx(1e-3, rel=1e-7)
     _, o = _traj("Adam", backend, steps=0)
     assert o.param_groups[0]["lr"] == 1e-3
     _, o = _traj("Adam", backend, steps=0, levels=("param", "layer", "global"))
@@ -530,12 +530,12 @@ def test_defaults(backend):
         assert_trajectories_close(a[0], b[0], TIGHT, label=label)
 
     # the rule, hypergrad_lr and combination_lr defaults (options.py; README, "The defaults"):
-    # multiplicative, beta 0.02, delta 0.5
-    mult = dict(hypergrad_rule="multiplicative", hypergrad_lr=0.02, combination_lr=0.5)
+    # multiplicative, beta 0.05, delta 0.1
+    mult = dict(hypergrad_rule="multiplicative", hypergrad_lr=0.05, combination_lr=0.1)
     same(_traj("SGD", backend, lr=0.05), _traj("SGD", backend, lr=0.05, **mult), "SGD defaults")
     same(_traj("Adam", backend, lr=0.01), _traj("Adam", backend, lr=0.01, **mult), "Adam defaults")
     same(_traj("SGD", backend, lr=0.05, hypergrad_lr={"global": 0.05, "unit": 0.03}),
-         _traj("SGD", backend, lr=0.05, hypergrad_lr={"global": 0.05, "unit": 0.03}, combination_lr=0.5),
+         _traj("SGD", backend, lr=0.05, hypergrad_lr={"global": 0.05, "unit": 0.03}, combination_lr=0.1),
          "multiplicative combination_lr with a beta per level")
     # additive: beta 1e-6 SGD, 1e-8 Adam; delta min(beta)/lr^2
     add = dict(hypergrad_rule="additive")

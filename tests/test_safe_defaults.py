@@ -114,8 +114,8 @@ def _moves(optimizer, lr, schedule, options):
 def test_schedules_do_not_speed_up_learning(optimizer):
     """With every multi-level option at its default, the rates and weights move no further
     under OneCycleLR, CyclicLR and warm-up + cosine than in a constant run at the schedule's
-    peak lr (within 2x; same data and seeds), and no rate moves by more than beta = 2 % in one
-    step."""
+    peak lr (within 2x; same data and seeds), and no rate moves by more than the default
+    beta (5 %) in one step."""
     lr = 1e-3
     rate_c, weight_c, _ = _moves(optimizer, lr, "constant", {})
     assert rate_c > 0 and weight_c > 0
@@ -123,7 +123,7 @@ def test_schedules_do_not_speed_up_learning(optimizer):
         rate_s, weight_s, step = _moves(optimizer, lr, schedule, {})
         assert rate_s <= 2 * rate_c, (schedule, rate_s, rate_c)
         assert weight_s <= max(2 * weight_c, WEIGHT_MOVE_FLOOR), (schedule, weight_s, weight_c)
-        assert step <= 0.02
+        assert step <= 0.05
 
 
 def test_the_paper_additive_rule_fails_the_schedule_check():

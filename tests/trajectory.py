@@ -199,7 +199,7 @@ def resolve_options(kind: str, opts: Dict[str, Any]) -> Dict[str, Any]:
     o.setdefault("maximize", False)
     o.setdefault("levels", ("global", "unit"))
     o["levels"] = tuple(o["levels"])
-    o.setdefault("hypergrad_rule", "additive")
+    o.setdefault("hypergrad_rule", "multiplicative")  # the safe default (README, "The defaults")
     o.setdefault("hypergrad_scaling", "size")
     o.setdefault("rate_bounds", (0.0, None))
     o.setdefault("hd_decay", 0.0)
@@ -214,7 +214,7 @@ def resolve_options(kind: str, opts: Dict[str, Any]) -> Dict[str, Any]:
     beta = o.get("hypergrad_lr")
     if beta is None:
         if o["hypergrad_rule"] == "multiplicative":
-            beta = 0.02
+            beta = 0.05
         else:
             beta = 1e-6 if kind == "sgd" else 1e-8
     if isinstance(beta, dict):
@@ -225,7 +225,10 @@ def resolve_options(kind: str, opts: Dict[str, Any]) -> Dict[str, Any]:
     delta = o.get("combination_lr")
     if delta is None:
         mb = min(beta.values())
-        delta = mb / o["lr"] ** 2 if o["hypergrad_rule"] == "additive" else mb
+        if o["hypergrad_rule"] == "additive":  # capped at float32's largest number
+            delta = min(mb / o["lr"] / o["lr"], 3.4028234663852886e38) if o["lr"] > 0 else 0.0
+        else:
+            delta = 0.1 if max(beta.values()) > 0 else 0.0
     o["delta"] = float(delta)
     o["shrinkage"] = dict(o.get("shrinkage") or {})
     if o.get("final_lr") is None:

@@ -103,9 +103,9 @@ def optimizer_specs(s: Setting) -> list[OptSpec]:
     """Every optimizer compared on model `s`, with the paper's hyper-gradient settings."""
     wd = s.weight_decay
 
-    def hd_kwargs(beta, levels, weights):
-        return dict(levels=levels, init_weights=weights, hypergrad_lr=beta, combination_lr=s.delta,
-                    hd_decay=s.hd_decay, weight_decay=wd)
+    def hd_kwargs(beta, levels, weights):  # the paper's rule is the additive one (not the default)
+        return dict(levels=levels, init_weights=weights, hypergrad_rule="additive", hypergrad_lr=beta,
+                    combination_lr=s.delta, hd_decay=s.hd_decay, weight_decay=wd)
 
     def adam_hd(levels, weights=None):
         return lambda p, lr: mlhd.MultiLevelAdam(p, lr=lr, **hd_kwargs(s.adam_beta, levels, weights))
