@@ -68,7 +68,7 @@ def bench_model(model: str, device: torch.device, repeats: int, warmup: int,
     streams = bandwidth_subjects(device)
     subjects = [Subject(c.id, live.step, live.feed) for c, live in lives.items()]
     subjects += [subject for subject, _ in streams]
-    # What a MultiLevelAdam step must read before it may write anything (SPEC: every
+    # What a MultiLevelAdam step must read before it may write anything (docs/algorithm.md: every
     # g * u_prev, u_prev from m and v, and the NaN guard): g, m and v, as one plain read pass.
     g, m, v = (torch.rand(numel(shapes), device=device, dtype=DTYPE) for _ in range(3))
     subjects.append(Subject(READ_PASS, lambda: torch.dot(g, m) + v.sum()))

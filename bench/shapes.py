@@ -71,7 +71,7 @@ def numel(shapes: list[Shape]) -> int:
 
 
 def units(shapes: list[Shape]) -> int:
-    """Number of `unit`-level groups (SPEC: dim-0 slices; a 0-d tensor is one unit)."""
+    """Number of `unit`-level groups (docs/algorithm.md: dim-0 slices; a 0-d tensor is one unit)."""
     return sum(s[0] if s else 1 for s in shapes)
 
 

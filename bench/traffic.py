@@ -3,7 +3,7 @@
 A step on large models is memory-bound, so "achieved GB/s = minimum bytes / time" says how close
 an implementation is to the machine's limit. The minimum assumes a perfect implementation:
 every tensor is read or written once per pass, in the step's parameter dtype (s bytes/element)
-or, for rates and level sums, float32 (r = 4 bytes; 8 for float64 parameters, SPEC section 4).
+or, for rates and level sums, float32 (r = 4 bytes; 8 for float64 parameters, docs/algorithm.md section 4).
 Steady state only (t >= 2, no skipped step); the first step's lazy state creation is ignored.
 
 torch.optim (one pass): read g and p, write p, plus the direction's state:
@@ -12,7 +12,7 @@ torch.optim (one pass): read g and p, write p, plus the direction's state:
     Adam / AdamW              7s   (read and write m and v: 28 B/elem)
     Adam, amsgrad             9s   (and vmax: 36 B/elem)
 
-multilevel_hd (SPEC section 2) needs two passes over the elements, because every coarse rate
+multilevel_hd (docs/algorithm.md section 2) needs two passes over the elements, because every coarse rate
 (and the non-finite guard) depends on a sum over the whole group before any element may step:
 
 1. reduction: read g (non-finite flag) and, when a hyper-gradient sum is needed (a coarse level,
@@ -23,7 +23,7 @@ multilevel_hd (SPEC section 2) needs two passes over the elements, because every
    u_prev, and for the param level its rate tensor (read and written, 2r) together with h,
    recomputed from u_prev's inputs or else stored by the reduction (2r), whichever is cheaper.
 
-What u_prev is computed from, per base optimizer (SPEC section 3):
+What u_prev is computed from, per base optimizer (docs/algorithm.md section 3):
     Adam          m and v before this step's update (already read by the step pass);
                   with amsgrad m and vmax
     SGD momentum  buf before this step's update (already read)

@@ -1,5 +1,5 @@
 // What the CPU and the CUDA kernels share: the launch tables, the op arguments and the
-// per-element math of SPEC sections 2-3. Torch-free and host+device, so that the CUDA
+// per-element math of docs/algorithm.md sections 2-3. Torch-free and host+device, so that the CUDA
 // kernels compile without torch headers and both devices run literally the same math.
 #pragma once
 
@@ -74,7 +74,7 @@ MLHD_HD T* pointer(const int64_t* ptr_row, int field) {
 // ---------------------------------------------------------------------------------------
 // Op arguments.
 enum class Dtype { Float, Double, Half, BFloat16 };
-// Base direction (SPEC section 3). State A / B: Adam m / v; SGD momentum_buffer /
+// Base direction (docs/algorithm.md section 3). State A / B: Adam m / v; SGD momentum_buffer /
 // prev_direction, each present only where the configuration keeps it. State C: Adam with
 // amsgrad (Amsgrad), the running maximum vmax of v.
 enum class Direction { Adam, Amsgrad, Sgd, Momentum, Nesterov };
@@ -220,7 +220,7 @@ struct TensorStep {
   }
 };
 
-// SPEC step 1: the raw gradient times grad_factor (unscaled from GradScaler's scale and
+// docs/algorithm.md step 1: the raw gradient times grad_factor (unscaled from GradScaler's scale and
 // negated for maximize), then plus coupled weight decay, which must see the unscaled g (a
 // select, not a multiply by 0: an infinite p must not turn g into NaN when there is no decay).
 template <typename T>
@@ -231,7 +231,7 @@ MLHD_HD T effective_grad(T g, T p, const Coef<T>& k) {
 
 // Adam's direction without the 1 / (1 - b1^s) factor, which callers apply to sums or kappa.
 // m = 0 gives m itself (what the division gives wherever it is defined): with eps = 0 a
-// parameter that never stepped (m = v = 0) has u_prev = 0, not 0/0 (SPEC section 2, step 3).
+// parameter that never stepped (m = v = 0) has u_prev = 0, not 0/0 (docs/algorithm.md section 2, step 3).
 template <typename T>
 MLHD_HD T adam_unscaled(T m, T v, T rsqrt_bc2, T eps) {
   return m == T(0) ? m : m / (std::sqrt(v) * rsqrt_bc2 + eps);
@@ -269,7 +269,7 @@ struct ReduceTensor {
   }
 };
 
-// SPEC steps 1-3 for one element: adds g*x, g^2, x^2, the param level's alpha*g*x and
+// docs/algorithm.md steps 1-3 for one element: adds g*x, g^2, x^2, the param level's alpha*g*x and
 // (alpha*g)^2, and g - g (0, or NaN for a NaN or Inf g) to the caller's accumulators.
 template <Uprev U, bool PARAM, bool WD, typename S, typename T>
 MLHD_HD void reduce_element(int64_t e, const S* __restrict__ g, const S* __restrict__ p, const T* __restrict__ u0,
@@ -318,7 +318,7 @@ struct StepScalars {
   }
 };
 
-// The param level's HD update (SPEC step 4: multiplicative rate * (1 + hd * sign(h)) or
+// The param level's HD update (docs/algorithm.md step 4: multiplicative rate * (1 + hd * sign(h)) or
 // additive rate + hd * h), shrinkage toward its parent, clamp. Every switch is a select, never
 // a coefficient of 0: 0 * h is NaN for an infinite h (skip_nonfinite=False), so a switched-off
 // term or a rate that must not move would turn NaN.
@@ -353,7 +353,7 @@ struct UnitCoef {
         parent(a.param_parent ? static_cast<const T*>(a.param_parent)[unit * a.parent_stride] : T(0)) {}
 };
 
-// SPEC steps 4 (param level), 5 and 6 for one element; every state moves here. Runs only
+// docs/algorithm.md steps 4 (param level), 5 and 6 for one element; every state moves here. Runs only
 // when the step proceeds (gate 1): a skipped step never reaches it, so it writes nothing.
 template <Direction D, bool PARAM, typename S, typename T>
 MLHD_HD void apply_element(int64_t e, S* __restrict__ p, const S* __restrict__ grad, T* __restrict__ a,

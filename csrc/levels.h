@@ -1,4 +1,4 @@
-// Stage 2 of a step, the level stage (SPEC steps 2 and 4, the coarse part of 6), as one op:
+// Stage 2 of a step, the level stage (docs/algorithm.md steps 2 and 4, the coarse part of 6), as one op:
 // from the reduction's per-unit sums to the new group state and the coefficients the apply
 // op reads. It computes what multilevel_hd/levels.py's update_levels computes, each term as
 // that function writes it; only sums over units run in another order (in double), so
@@ -63,7 +63,7 @@ MLHD_HD T lerp(T a, T b, T w) {
   return w < T(0.5) ? a + w * (b - a) : b - (b - a) * (T(1) - w);
 }
 
-// SPEC step 4, one rate's HD update. Additive: old + (coef * scale) * s, coef = beta * hd_prev
+// docs/algorithm.md step 4, one rate's HD update. Additive: old + (coef * scale) * s, coef = beta * hd_prev
 // * w (scale: N / N_k, or 1). Multiplicative: old * (1 + beta_w * cos), cos = s / sqrt(qg qu).
 template <typename T>
 MLHD_HD T hd_update(bool multiplicative, T old, T s, T qg, T qu, T coef, T scale, T beta_w) {
@@ -126,7 +126,7 @@ struct GroupStep {
   MLHD_HD T beta_w(const LevelArgs& a, int lv) const { return T(a.beta[lv]) * w[lv]; }
 };
 
-// (2) SPEC step 2 (the gate, t, the skip counter), step 4 for the global level (HD update
+// (2) docs/algorithm.md step 2 (the gate, t, the skip counter), step 4 for the global level (HD update
 // from the old rate, the bounds; moved only when the step moves rates), the weights (used
 // from the next step on), lr_scale and the coefficient scalars. One thread. total: the
 // group's sums (LayerSum order), each the layers' sums added in layer order to 0 (a chain of
@@ -204,7 +204,7 @@ MLHD_HD GroupStep<T> update_group(const LevelArgs& a, const double* total) {
   return g;
 }
 
-// (2) Layer l, after update_group: SPEC step 4 for the layer level (HD update from the old
+// (2) Layer l, after update_group: docs/algorithm.md step 4 for the layer level (HD update from the old
 // rate, shrinkage toward the parent's HD-updated rate, the bounds; moved only when the step
 // moves rates and the layer's tensor steps; its old and HD-updated rate kept for the unit
 // pass) and, if its tensor steps, what its step applied (state.record_applied_rates).
@@ -280,7 +280,7 @@ MLHD_HD UnitPass<T> unit_pass(const LevelArgs& a, const GroupStep<T>& g, int64_t
   return c;
 }
 
-// (3) Unit u of the layer: its new unit rate (SPEC step 4, moved only when the step moves
+// (3) Unit u of the layer: its new unit rate (docs/algorithm.md step 4, moved only when the step moves
 // rates and its tensor steps), its kappa and its param-level shrinkage target.
 // UNIT: the unit level is active (c.rate is not null). Flags become selects of values that
 // are computed anyway, so that the CPU loop over the units vectorises.

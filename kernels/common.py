@@ -75,7 +75,7 @@ def tensor_pointers(pointers, tensor, n_tensors, P_DTYPE: tl.constexpr, ALIGNED:
 
 @triton.jit
 def effective_grad(g, p, factor, weight_decay, COUPLED_WD: tl.constexpr, SKIP_NONFINITE: tl.constexpr):
-    """SPEC step 1, then the non-finite guard's view of it: (g, finite).
+    """docs/algorithm.md step 1, then the non-finite guard's view of it: (g, finite).
 
     `factor` is the group's grad factor, (-1 if maximize) / GradScaler's scale (a float32
     scalar each program loads once from device memory, see `load_grad_factor`): the raw
@@ -109,7 +109,7 @@ def bias_correction(step, log_beta):
 
 @triton.jit
 def adam_direction(m, v, bc1, bc2, eps):
-    """SPEC section 3: (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
+    """docs/algorithm.md section 3: (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
 
     IEEE-rounded, as torch.optim's fused Adam and the cuda backend: on CUDA `/` and
     tl.sqrt compile to approximations (div.full.f32, sqrt.approx.ftz.f32);

@@ -1,4 +1,4 @@
-"""Stage 2 of a step: the level stage (SPEC steps 2 and 4, the coarse part of 6) in two launches.
+"""Stage 2 of a step: the level stage (docs/algorithm.md steps 2 and 4, the coarse part of 6) in two launches.
 
 It computes what `multilevel_hd.levels.update_levels` computes, from the same inputs
 (the per-unit sums S, Qg, Qu of the reduction, the param-level partials, the non-finite
@@ -149,7 +149,7 @@ def _lerp(start, end, weight, SMALL: tl.constexpr):
 
 @triton.jit
 def _hd(old, s, qg, qu, scale, beta, hd_prev, w, MULTIPLICATIVE: tl.constexpr):
-    """SPEC step 4, the HD update of one level's rates: additive
+    """docs/algorithm.md step 4, the HD update of one level's rates: additive
     old + (beta * hd_prev * w) * scale * s; multiplicative old * (1 + beta * w * cos)."""
     if MULTIPLICATIVE:
         prod = qg * qu

@@ -1,4 +1,4 @@
-"""Stage 3 of a step: the fused elementwise pass (SPEC steps 4 for the param level, 5-7).
+"""Stage 3 of a step: the fused elementwise pass (docs/algorithm.md steps 4 for the param level, 5-7).
 
 One program per chunk of BLOCK elements of one tensor (the chunk table lists them all, so
 one launch covers every tensor of a dtype). Each element is read once and written once:
@@ -51,7 +51,7 @@ def _step_block(
     g, _ = effective_grad(g.to(tl.float32), p, grad_factor, weight_decay, COUPLED_WD, SKIP_NONFINITE)
     old_step = tl.load(old_steps + tensor)
 
-    # The base direction u (SPEC section 3) and, for the param level, u_prev.
+    # The base direction u (docs/algorithm.md section 3) and, for the param level, u_prev.
     if KIND == ADAM:
         m = tl.load(s1_ptr, mask=mask, other=other)
         v = tl.load(s2_ptr, mask=mask, other=other)  # with amsgrad: vmax (kernels/common.py)
@@ -98,7 +98,7 @@ def _step_block(
         u = g
         tl.store(s1_ptr, u, mask=mask)
 
-    # The applied rate kappa (SPEC step 6); coarse levels come per unit.
+    # The applied rate kappa (docs/algorithm.md step 6); coarse levels come per unit.
     if PER_UNIT:
         # unit = (offset // unit_stride) % units, split so that the per-element part is
         # int32 (a row spans less than 2^31 elements); dense rows never wrap around.

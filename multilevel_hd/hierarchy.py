@@ -1,6 +1,6 @@
 """The level structure of one param group: units, layers, row lengths, offsets, N_k.
 
-This module is the only place that knows how a tensor splits into units (SPEC section 1):
+This module is the only place that knows how a tensor splits into units (docs/algorithm.md section 1):
 unit j of a tensor shaped (n0, ...) is the logical slice p[j], so a tensor has n0 units of
 numel / n0 elements each (a 0-d tensor has one unit of one element). Rates of the
 "layer" and "unit" levels live in flat per-group arrays (one entry per tensor, one entry

@@ -85,7 +85,7 @@ def _per_unit(level: str, values: torch.Tensor, plan: StepPlan) -> torch.Tensor:
 
 
 def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
-    """SPEC steps 2 (the counters), 3-4 (coarse rates and weights) and the coarse part of 6."""
+    """docs/algorithm.md steps 2 (the counters), 3-4 (coarse rates and weights) and the coarse part of 6."""
     opts, plan, gs = job.opts, job.plan, job.group_state
     device, acc = gs["weights"].device, gs["weights"].dtype
     multiplicative = opts.rule == "multiplicative"

@@ -300,7 +300,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         return self.state[p] if self.state.get(p) else new_param_state(p, opts)
 
     def rates(self) -> list[dict]:
-        """Per group: "weights" and each active level's rates (copies; SPEC section 4)."""
+        """Per group: "weights" and each active level's rates (copies; docs/algorithm.md section 4)."""
         out = []
         for index, group in enumerate(self.param_groups):
             opts = _resolve(group, self._kind)
@@ -561,7 +561,7 @@ _TORCH_OPTIM_KEYWORDS = """
 
 class MultiLevelSGD(_MultiLevelOptimizer):
     __doc__ = """SGD (optionally with momentum or Nesterov momentum) with multi-level hyper-gradient
-    learning rates (SPEC sections 2-4).""" + _TORCH_OPTIM_KEYWORDS
+    learning rates (docs/algorithm.md sections 2-4).""" + _TORCH_OPTIM_KEYWORDS
 
     _kind = "sgd"
 
@@ -588,7 +588,7 @@ class MultiLevelSGD(_MultiLevelOptimizer):
 
 class MultiLevelAdam(_MultiLevelOptimizer):
     __doc__ = """Adam (or AdamW with decoupled_weight_decay=True, AMSGrad with amsgrad=True) with
-    multi-level hyper-gradient learning rates (SPEC sections 2-4). ``capturable`` is accepted
+    multi-level hyper-gradient learning rates (docs/algorithm.md sections 2-4). ``capturable`` is accepted
     and changes nothing: every step is capturable (no host synchronisation).""" + _TORCH_OPTIM_KEYWORDS
 
     _kind = "adam"

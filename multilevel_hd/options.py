@@ -1,4 +1,4 @@
-"""Option validation and resolution for one param group (SPEC section 4).
+"""Option validation and resolution for one param group (docs/algorithm.md section 4).
 
 `resolve` turns a group's raw options (with their `None` defaults) into the numbers one step
 uses, and raises for any bad one with a message that names it: the optimizer runs it when a
@@ -30,7 +30,7 @@ DEFAULT_ADDITIVE_BETA = {"adam": 1e-8, "sgd": 1e-6}  # the paper's ResNet settin
 DEFAULT_MULTIPLICATIVE_BETA = 0.05
 NESTEROV_MESSAGE = "Nesterov momentum requires a momentum and zero dampening"  # torch.optim.SGD's
 
-# The default rule (SPEC section 5, "Safety of the defaults"; README, "The defaults", measured by
+# The default rule (docs/algorithm.md section 5, "Safety of the defaults"; README, "The defaults", measured by
 # tests/schedule_study.py). The additive rule's step does not scale with the rate: its
 # relative pace is beta * S / lr, so at a small lr (1e-28, 1e-12) or under OneCycleLR (rates
 # learned at max_lr / 25 and the step carrying the scheduler's factor) the rates and weights

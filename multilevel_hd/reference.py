@@ -1,4 +1,4 @@
-"""SPEC section 2, written plainly: the oracle every other backend is tested against.
+"""docs/algorithm.md section 2, written plainly: the oracle every other backend is tested against.
 
 Per-tensor Python loops, host-side branching and `float()` reads are fine here: this
 backend is about being obviously right, in any dtype including float64, not about speed.
@@ -31,7 +31,7 @@ def rate_view(level: str, group_state: dict, t: TensorLayout, p, param_state) ->
 
 
 def combined_rate(opts: GroupOptions, weights, group_state, t: TensorLayout, p, param_state, step):
-    """kappa of SPEC step 6, times the LR scheduler's factor (README: LR schedulers):
+    """kappa of docs/algorithm.md step 6, times the LR scheduler's factor (README: LR schedulers):
     lr_scale * (tau_t * sum_k w_k alpha_k[idx_k(e)] + (1 - tau_t) * final_lr)."""
     dtype = compute_dtype(p.dtype)
     alpha = sum(
@@ -114,7 +114,7 @@ def _previous_direction(st: dict, opts: GroupOptions) -> torch.Tensor:
 
 
 def _advance_direction(g, st: dict, opts: GroupOptions) -> torch.Tensor:
-    """Base direction u of this step (SPEC section 3); updates the base state."""
+    """Base direction u of this step (docs/algorithm.md section 3); updates the base state."""
     st["step"] += 1
     step = float(st["step"])
     if opts.kind == "adam":
@@ -160,7 +160,7 @@ def _group_size(level: str, lay: TensorLayout, n: int) -> int:
 
 
 def _update_levels(job: GroupJob, grads: list, t: float) -> None:
-    """SPEC step 3-4: hyper-gradient sums, new rates and new weights."""
+    """docs/algorithm.md step 3-4: hyper-gradient sums, new rates and new weights."""
     opts, gs = job.opts, job.group_state
     acc = gs["weights"].dtype
     layouts = job.plan.active_layouts

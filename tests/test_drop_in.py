@@ -1,4 +1,4 @@
-"""A drop-in for torch.optim (SPEC 4, README "What the one-word change keeps"): every keyword of the
+"""A drop-in for torch.optim (docs/algorithm.md section 4, README "What the one-word change keeps"): every keyword of the
 torch.optim twin, which backend runs, a tensor lr, deepcopy and pickle, a warm start from the
 twin's state dict."""
 from __future__ import annotations
@@ -55,7 +55,7 @@ def test_positional_arguments_as_the_twin(cls):
     if cls is mlhd.MultiLevelSGD:
         opt = cls(_params(), 0.05, 0.9, 0.1)
         assert [opt.defaults[k] for k in ("lr", "momentum", "dampening")] == [0.05, 0.9, 0.1]
-        # SPEC's fifth is nesterov, the twin's weight_decay: a number there is not taken for True
+        # docs/algorithm.md's fifth is nesterov, the twin's weight_decay: a number there is not taken for True
         with pytest.raises(TypeError, match="weight_decay by keyword"):
             cls(_params(), 0.05, 0.9, 0.0, 1e-4)
     else:

@@ -1,8 +1,8 @@
-"""Special cases the spec pins to known algorithms (SPEC section 3, last paragraph).
+"""Special cases the spec pins to known algorithms (docs/algorithm.md section 3, last paragraph).
 
 * ``levels=("global",)`` with ``rate_bounds=None`` is Baydin et al.'s SGD-HD / SGDN-HD /
   Adam-HD, except that all tensors' sums are taken before any tensor steps.  The loops below
-  are written from SPEC sections 1-3; with one level the weight is 1 and, with
+  are written from docs/algorithm.md sections 1-3; with one level the weight is 1 and, with
   ``hypergrad_scaling="size"``, ``b = beta * N / N = beta``.
 * ``hypergrad_lr=0`` is exactly torch.optim.SGD / Adam / AdamW.
 """

@@ -1,4 +1,4 @@
-"""Invariants and API behaviour of SPEC sections 2 and 4, for the reference and every fast
+"""Invariants and API behaviour of docs/algorithm.md sections 2 and 4, for the reference and every fast
 backend: rate bounds, the weight simplex, the non-finite guard, parameters without
 gradients, param groups, rates()/effective_rate(), closures, zero_grad, add_param_group,
 defaults."""
@@ -278,7 +278,7 @@ def test_grad_none_two_groups_match_reference(backend, cls):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_effective_rate_of_param_without_grad(backend):
-    """SPEC 4: effective_rate(p) holds kappa "as applied by the last step".  A parameter that
+    """docs/algorithm.md section 4: effective_rate(p) holds kappa "as applied by the last step".  A parameter that
     had no gradient at the last step was not stepped, so the kappa last applied to it is the
     one of its own last step (the combination weights have moved since)."""
     ps = _params(torch.float64, backend)
@@ -500,7 +500,7 @@ def test_params_updated_in_place(backend, dtype):
 
 
 # ------------------------------------------------------------------------------------------
-# defaults (SPEC 4)
+# defaults (docs/algorithm.md section 4)
 # ------------------------------------------------------------------------------------------
 def _traj(cls, backend, steps=8, dtype=torch.float64, **kw):
     ps = _params(dtype, backend)
@@ -569,7 +569,7 @@ def test_auto_backend_runs():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rates_dtype_per_group(backend):
     """Groups of float64, float32 and bfloat16 parameters in one optimizer: each group's
-    rates are float64, float32, float32 (SPEC 4)."""
+    rates are float64, float32, float32 (docs/algorithm.md section 4)."""
     p64 = _params(torch.float64, backend)[:3]
     p32 = _params(torch.float32, backend, seed=1)[:3]
     p16 = _params(torch.bfloat16, backend, seed=2)[:3]
@@ -588,7 +588,7 @@ def test_rates_dtype_per_group(backend):
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="host synchronisation is observable on CUDA only")
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_fast_step_needs_no_host_sync(backend):
-    """SPEC 2.2: deciding the non-finite guard needs no host synchronisation."""
+    """docs/algorithm.md section 2.2: deciding the non-finite guard needs no host synchronisation."""
     ps = _params(torch.float32, backend)
     gf = _gradfn(backend, poison={(4, 2): float("nan")})
     opt = mlhd.MultiLevelAdam(ps, lr=0.01, levels=ALL_LEVELS, backend=backend)
@@ -608,7 +608,7 @@ def test_fast_step_needs_no_host_sync(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_guard_looks_at_the_gradient_only(backend):
-    """SPEC 2.2 skips a step iff an element of g is NaN or Inf.  Finite float32 gradients of
+    """docs/algorithm.md section 2.2 skips a step iff an element of g is NaN or Inf.  Finite float32 gradients of
     1e20 (whose products g * u_prev overflow float32) are finite: no step is skipped and the
     parameters move."""
     p = torch.ones(4, device=DEVICE, requires_grad=True)
@@ -624,7 +624,7 @@ def test_guard_looks_at_the_gradient_only(backend):
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_backend_set_per_group(backend):
-    """SPEC 4: every option may be set per group -- backend included."""
+    """docs/algorithm.md section 4: every option may be set per group -- backend included."""
     g0, g1 = _two_group_setup("SGD")
     gf = _gradfn(backend)
     ps = _params(torch.float64, backend)

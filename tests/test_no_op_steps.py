@@ -1,11 +1,11 @@
-"""Steps that change nothing (SPEC 2.2 and 4), on every backend.
+"""Steps that change nothing (docs/algorithm.md section 2.2 and 4), on every backend.
 
 * A skipped step (a NaN or Inf gradient, or GradScaler's found_inf) leaves every parameter
   and state tensor bit-identical whatever the other gradients hold (finite up to the dtype's
   max, Inf, NaN), and the run continues as if the step had not been taken: a property over
   random configurations (base optimizer, levels, rule, dtype, what skips the step).
 * Without the guard (skip_nonfinite=False), a NaN or Inf gradient at t = 1 leaves the rates
-  and weights at their initial values (SPEC 2: at t = 1 rates keep their initial values),
+  and weights at their initial values (docs/algorithm.md section 2: at t = 1 rates keep their initial values),
   and a later one moves them exactly as the reference backend does.
 * A step that raises (an option made bad between steps, levels or momentum changed after the
   first step, a sparse gradient, a backend that cannot run) changes nothing, in any param

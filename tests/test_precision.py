@@ -1,4 +1,4 @@
-"""float32 runs as accurate as float32 allows (SPEC 2.3: sums in float32 at least).
+"""float32 runs as accurate as float32 allows (docs/algorithm.md section 2.3: sums in float32 at least).
 
 * A layer's hyper-gradient sum over 300k units: every backend within 3e-7 of the exact sum
   (measured 5e-8 for torch, cpp and reference, 2e-7 for triton; a sequential float32 sum,

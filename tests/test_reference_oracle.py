@@ -1,5 +1,5 @@
 """The ``reference`` backend against the suite's own, independent float64 transcription of
-SPEC sections 2-3 (``trajectory.Oracle``).
+docs/algorithm.md sections 2-3 (``trajectory.Oracle``).
 
 The reference backend is the oracle for every fast backend (test_backends.py), so this file
 is what ties the whole implementation to the spec.  It also checks that each configuration
@@ -103,7 +103,7 @@ def test_amsgrad_cases_bind(case):
 
 
 def test_shrinkage_on_global_is_a_no_op():
-    """SPEC 2.4: a level without a parent is not shrunk (global never has one; nor does the
+    """docs/algorithm.md section 2.4: a level without a parent is not shrunk (global never has one; nor does the
     coarsest active level)."""
     for cls, kw in (("SGD", dict(levels=("global", "unit"))), ("SGD", dict(levels=("unit",))),
                     ("Adam", dict(levels=("layer", "param"), init_weights=(1, 3)))):

@@ -1,4 +1,4 @@
-"""Safety of the defaults (SPEC sections 4-5; README, "The defaults"): nothing non-finite from
+"""Safety of the defaults (docs/algorithm.md sections 4-5; README, "The defaults"): nothing non-finite from
 the optimizer's own arithmetic at any lr and dtype, lr=0 freezes a group under every rule, and
 with every multi-level option at its default an LR schedule does not speed up the learning of
 rates and weights.
@@ -139,7 +139,7 @@ def test_the_paper_additive_rule_fails_the_schedule_check():
 @pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
 def test_adam_eps_zero_with_a_late_first_gradient(backend):
     """eps=0 (a legal Adam option): a parameter whose first gradient comes at step 3 has
-    u_prev = 0 there (SPEC: it never stepped), not m / sqrt(v) = 0/0, which made every rate and
+    u_prev = 0 there (docs/algorithm.md: it never stepped), not m / sqrt(v) = 0/0, which made every rate and
     parameter NaN on all backends."""
     params = make_params(dtype=torch.float32, shapes=SHAPES)
     opt = mlhd.MultiLevelAdam(params, lr=1e-2, eps=0.0, backend=backend)

@@ -1,4 +1,4 @@
-"""state_dict() / load_state_dict() (SPEC 4): "a state saved with one backend loads into
+"""state_dict() / load_state_dict() (docs/algorithm.md section 4): "a state saved with one backend loads into
 another and continues with the same trajectory"; a state dict from a different configuration
 raises."""
 import copy

@@ -1,5 +1,5 @@
 """Format compatibility: state dicts saved by earlier versions load into this one and continue
-their runs (SPEC 4, issue 19). tests/fixtures/state_dicts_v0.1.0.pt was saved by 0.1.0
+their runs (docs/algorithm.md section 4, issue 19). tests/fixtures/state_dicts_v0.1.0.pt was saved by 0.1.0
 (tests/fixtures/make_state_dicts.py says how, for three configurations); every backend loads
 it under torch.load(weights_only=True), gives back the saved rates and takes the next steps
 as 0.1.0 did. Never regenerate a fixture: it stands for checkpoints users already have.

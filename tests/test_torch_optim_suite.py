@@ -228,7 +228,7 @@ def test_save_load_with_weights_only(backend, name, mode):
 def test_older_state_dict_loads(backend, name, mode):
     """A checkpoint from before options existed (maximize, foreach, differentiable, levels
     missing from its groups) and with step counts saved as numbers loads and resumes
-    exactly (SPEC 4: a missing option takes the constructor's value)."""
+    exactly (docs/algorithm.md section 4: a missing option takes the constructor's value)."""
     w, b = weight_bias()
     opt = make(name, backend, mode, [w, b])
     train(opt, w, b, steps=5)

@@ -1,4 +1,4 @@
-"""Bad input gets a clear exception, never a silent wrong result (SPEC 4)."""
+"""Bad input gets a clear exception, never a silent wrong result (docs/algorithm.md section 4)."""
 import copy
 
 import pytest
@@ -188,7 +188,7 @@ def test_good_edge_values_accepted():
 
 @pytest.mark.parametrize("name", ["triton", "cuda", "cpp"])
 def test_backend_that_cannot_run_raises_runtime_error(name):
-    """SPEC 4: asking for a backend that cannot run raises a RuntimeError that says why."""
+    """docs/algorithm.md section 4: asking for a backend that cannot run raises a RuntimeError that says why."""
     if name in ALL_BACKENDS:  # (FAST_BACKENDS may be narrowed by MLHD_TEST_BACKENDS)
         pytest.skip(f"{name} runs on {DEVICE}")
     ps = make_params(torch.float32, DEVICE)
@@ -226,7 +226,7 @@ def test_complex_params_raise(backend, cls):
 
 
 # ------------------------------------------------------------------------------------------
-# Not listed in SPEC 4, but what a PyTorch user expects (torch.optim raises for these; a typo
+# Not listed in docs/algorithm.md section 4, but what a PyTorch user expects (torch.optim raises for these; a typo
 # in a level name inside a dict would otherwise be silently ignored).
 # ------------------------------------------------------------------------------------------
 TORCH_PARITY = [

@@ -1,13 +1,13 @@
 """Shared helpers for the multilevel_hd test suite.
 
-Everything here is derived from SPEC.md, not from the implementation:
+Everything here is derived from docs/algorithm.md, not from the implementation:
 
 * ``make_params``   -- a small parameter set covering every tensor layout the spec names
                        (0-d, 1-D, 2-D, 4-D conv, a single-row (1, n) tensor, a channels_last
                        conv weight, an empty tensor).
 * ``GradFn``        -- deterministic synthetic gradients ``g = A * p + s * noise_t`` that depend
                        on the current parameters, so a trajectory reacts to the optimizer.
-* ``Oracle``        -- an independent float64 implementation of SPEC sections 2-3, written
+* ``Oracle``        -- an independent float64 implementation of docs/algorithm.md sections 2-3, written
                        from the spec text only.  It is used to check the ``reference`` backend,
                        which in turn is the oracle for the fast backends.
 * ``run_optimizer`` / ``run_oracle`` -- drive a trajectory and record a snapshot per step.
@@ -144,7 +144,7 @@ class GradFn:
 
 
 # --------------------------------------------------------------------------------------
-# the independent oracle (SPEC sections 2 and 3), float64 throughout
+# the independent oracle (docs/algorithm.md sections 2 and 3), float64 throughout
 # --------------------------------------------------------------------------------------
 def n_units(shape) -> int:
     return 1 if len(shape) == 0 else shape[0]
@@ -176,7 +176,7 @@ def level_sum(level: str, x: torch.Tensor):
 
 
 def resolve_options(kind: str, opts: Dict[str, Any]) -> Dict[str, Any]:
-    """The group options with every SPEC default filled in."""
+    """The group options with every docs/algorithm.md default filled in."""
     o = dict(opts)
     if kind == "sgd":
         o.setdefault("lr", 1e-2)
@@ -279,7 +279,7 @@ class OracleGroup:
             st["v"] = torch.zeros_like(g)
         st["m"] = b1 * st["m"] + (1 - b1) * g
         st["v"] = b2 * st["v"] + (1 - b2) * g * g
-        if o["amsgrad"]:  # SPEC 3: vmax = max(vmax, v) replaces v
+        if o["amsgrad"]:  # docs/algorithm.md section 3: vmax = max(vmax, v) replaces v
             st["vmax"] = torch.maximum(st.get("vmax", st["v"]), st["v"])
         s = st["step"]
         mhat = st["m"] / (1 - b1 ** s)
@@ -442,7 +442,7 @@ class OracleGroup:
 
 
 class Oracle:
-    """Several independent groups (SPEC: everything is per param group)."""
+    """Several independent groups (docs/algorithm.md: everything is per param group)."""
 
     def __init__(self, groups: List[Dict[str, Any]], kind: str):
         self.groups = []

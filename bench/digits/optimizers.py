@@ -140,7 +140,7 @@ def optimizer_specs(s: Setting) -> list[OptSpec]:
     return specs
 
 
-# The multiplicative rule (SPEC section 2, step 4) in the robustness study: Baydin et al.'s
+# The multiplicative rule (docs/algorithm.md section 2, step 4) in the robustness study: Baydin et al.'s
 # hypergrad_lr 0.02 and a faster 0.05, each with a slow, a medium and a fast combination_lr.
 HDM_BETAS = (0.02, 0.05)
 HDM_DELTAS = (0.02, 0.1, 0.5)

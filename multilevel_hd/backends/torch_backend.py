@@ -1,4 +1,4 @@
-"""The pure-PyTorch backend: SPEC section 2 in plain tensor operations.
+"""The pure-PyTorch backend: docs/algorithm.md section 2 in plain tensor operations.
 
 The baseline the fused kernels are measured against, and the fallback where nothing
 compiled runs. It runs the same three stages as the fused backends: a reduction pass
@@ -122,7 +122,7 @@ def _row_sums(x: torch.Tensor, out: torch.Tensor, scale=None) -> None:
 
 
 def _effective_grad(p, grad, job: GroupJob) -> torch.Tensor:
-    """g of SPEC step 1 in the math dtype (unscaled if a GradScaler scaled it); the
+    """g of docs/algorithm.md step 1 in the math dtype (unscaled if a GradScaler scaled it); the
     gradient itself when nothing changes it."""
     opts, dtype = job.opts, compute_dtype(grad.dtype)
     g = grad if grad.dtype == dtype else _scratch("g", grad, dtype).copy_(grad)

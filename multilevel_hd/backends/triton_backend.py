@@ -1,4 +1,4 @@
-"""The Triton backend: SPEC section 2 for all tensors of a param group in a fixed number of
+"""The Triton backend: docs/algorithm.md section 2 for all tensors of a param group in a fixed number of
 launches, whatever the number of tensors.
 
 A step is the three stages of every fast backend (see `multilevel_hd.levels`):
