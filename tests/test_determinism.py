@@ -5,20 +5,19 @@ import torch
 import multilevel_hd as mlhd
 
 from cases import LIGHT_CASE_NAMES, OPTION_CASES
-from conftest import DEVICE, FAST_BACKENDS, shapes_for
+from conftest import DEVICE, FAST_BACKENDS, is_slow, shapes_for
 from trajectory import assert_bitwise_equal_snapshots, run_case
 
 CASES = [c for c in OPTION_CASES if c.name in LIGHT_CASE_NAMES | {"adam-multiplicative",
                                                                   "adamw-hd-decay-shrink"}]
 
 
-# Without a GPU, triton runs in its numpy interpreter, which is deterministic by
-# construction and 10-100x slower than the other backends: two cases there check that
-# nothing in the driver (tables, scratch buffers) carries over between runs. On a GPU
-# (DEVICE "cuda") every case runs on every backend.
+# A slow backend (triton in its numpy interpreter, deterministic by construction and 10-100x
+# slower than the others) reruns two cases: nothing in the driver (tables, scratch buffers)
+# may carry over between runs. MLHD_TEST_FULL=1 runs every case on every backend.
 RUNS = [(b, c, d) for b in ["reference"] + FAST_BACKENDS for c in CASES
         for d in (torch.float32, torch.bfloat16)
-        if b != "triton" or DEVICE.type != "cpu" or (d == torch.float32 and c.name in ("adam-multiplicative", "adamw-hd-decay-shrink"))]
+        if not is_slow(b) or (d == torch.float32 and c.name in ("adam-multiplicative", "adamw-hd-decay-shrink"))]
 
 
 @pytest.mark.parametrize("backend,case,dtype", RUNS, ids=lambda v: str(v).replace("torch.", ""))
