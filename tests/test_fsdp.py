@@ -36,7 +36,8 @@ OPTIMIZERS = {  # large hyper-gradient rates, so that rates and weights visibly 
     "adamw": (mlhd.MultiLevelAdamW, dict(lr=1e-2, hypergrad_lr=1e-3, weight_decay=0.1)),
     "sgdn": (mlhd.MultiLevelSGD, dict(lr=0.1, momentum=0.9, nesterov=True, hypergrad_lr=1e-2)),
 }
-RULES = {"additive": {}, "multiplicative": dict(hypergrad_rule="multiplicative", hypergrad_lr=0.05, combination_lr=0.5)}
+RULES = {"additive": dict(hypergrad_rule="additive"),
+         "multiplicative": dict(hypergrad_rule="multiplicative", hypergrad_lr=0.05, combination_lr=0.5)}
 
 
 def _cases():
