@@ -38,13 +38,12 @@ NESTEROV_MESSAGE = "Nesterov momentum requires a momentum and zero dampening"  #
 # beta * w_k per step whatever the lr or the schedule (a positive rate stays positive and
 # grows by at most (1 + beta)^t), so a schedule shapes the applied rate and nothing else.
 DEFAULT_RULE = "multiplicative"
-# The weights' multiplicative step `w_k (1 + delta cos_k)` moves them only through the
-# difference between the levels' cosines (a common factor cancels in w / sum(w)), which is
-# small: with delta = min(beta) = 0.02 they never left 0.8 / 0.2 (tests/schedule_study.py).
-# The lr-robustness study measured delta 0.02, 0.1 and 0.5 with Adam (worst cases 36.9,
-# 36.9 and 37.0 %; weights 0.80 / 0.20 to 0.74 / 0.26 at the end) and 0.1 with SGDN: 0.1 is
-# the value measured for both families. It stays below 1, so a factor never reaches 0.
-DEFAULT_MULTIPLICATIVE_DELTA = 0.1
+# The multiplicative rule's derived delta stays min(beta), the rates' own pace (0.05 by
+# default). The weights' step `w_k (1 + delta cos_k)` moves them only through the
+# difference between the levels' cosines (a common factor cancels in w / sum(w)), so they
+# move little under any delta: the lr-robustness study measured delta 0.02, 0.1 and 0.5 with
+# beta 0.05 (Adam, worst cases 36.9, 36.9 and 37.0 %; weights 0.80 / 0.20 to 0.74 / 0.26 at
+# the end) and the library defaults' row with delta = beta = 0.05.
 # The additive rule's derived delta `min(beta) / lr**2` overflows float32 below lr ~ 1e-23
 # (and the division itself below ~1e-154); it is capped at float32's largest number, so
 # that it reaches the float32 kernels finite and is what it was wherever it did.
@@ -250,7 +249,7 @@ def resolve(group: dict, kind: str) -> GroupOptions:
     delta = group["combination_lr"]
     if delta is None:
         if rule == "multiplicative":  # 0 with hypergrad_lr=0: then exactly torch.optim
-            delta = DEFAULT_MULTIPLICATIVE_DELTA if max(beta.values()) > 0 else 0.0
+            delta = min(beta.values())
         else:  # moves the weights at the rates' relative pace; no pace to match at lr 0
             delta = min(min(beta.values()) / lr / lr, MAX_DERIVED_COMBINATION_LR) if lr > 0 else 0.0
     else:

@@ -534,12 +534,12 @@ def test_defaults(backend):
         assert_trajectories_close(a[0], b[0], TIGHT, label=label)
 
     # the rule, hypergrad_lr and combination_lr defaults (options.py; README, "The defaults"):
-    # multiplicative, beta 0.05, delta 0.1
-    mult = dict(hypergrad_rule="multiplicative", hypergrad_lr=0.05, combination_lr=0.1)
+    # multiplicative, beta 0.05, delta min(beta)
+    mult = dict(hypergrad_rule="multiplicative", hypergrad_lr=0.05, combination_lr=0.05)
     same(_traj("SGD", backend, lr=0.05), _traj("SGD", backend, lr=0.05, **mult), "SGD defaults")
     same(_traj("Adam", backend, lr=0.01), _traj("Adam", backend, lr=0.01, **mult), "Adam defaults")
     same(_traj("SGD", backend, lr=0.05, hypergrad_lr={"global": 0.05, "unit": 0.03}),
-         _traj("SGD", backend, lr=0.05, hypergrad_lr={"global": 0.05, "unit": 0.03}, combination_lr=0.1),
+         _traj("SGD", backend, lr=0.05, hypergrad_lr={"global": 0.05, "unit": 0.03}, combination_lr=0.03),
          "multiplicative combination_lr with a beta per level")
     # additive: beta 1e-6 SGD, 1e-8 Adam; delta min(beta)/lr^2
     add = dict(hypergrad_rule="additive")

@@ -228,7 +228,7 @@ def resolve_options(kind: str, opts: Dict[str, Any]) -> Dict[str, Any]:
         if o["hypergrad_rule"] == "additive":  # capped at float32's largest number
             delta = min(mb / o["lr"] / o["lr"], 3.4028234663852886e38) if o["lr"] > 0 else 0.0
         else:
-            delta = 0.1 if max(beta.values()) > 0 else 0.0
+            delta = mb
     o["delta"] = float(delta)
     o["shrinkage"] = dict(o.get("shrinkage") or {})
     if o.get("final_lr") is None:
