@@ -30,13 +30,14 @@ DEFAULT_ADDITIVE_BETA = {"adam": 1e-8, "sgd": 1e-6}  # the paper's ResNet settin
 DEFAULT_MULTIPLICATIVE_BETA = 0.05
 NESTEROV_MESSAGE = "Nesterov momentum requires a momentum and zero dampening"  # torch.optim.SGD's
 
-# The default rule (docs/algorithm.md section 5, "Safety of the defaults"; README, "The defaults", measured by
-# tests/schedule_study.py). The additive rule's step does not scale with the rate: its
-# relative pace is beta * S / lr, so at a small lr (1e-28, 1e-12) or under OneCycleLR (rates
-# learned at max_lr / 25 and the step carrying the scheduler's factor) the rates and weights
-# ran away, up to NaN. The multiplicative rule moves a rate by at most the fraction
-# beta * w_k per step whatever the lr or the schedule (a positive rate stays positive and
-# grows by at most (1 + beta)^t), so a schedule shapes the applied rate and nothing else.
+# The default rule (docs/algorithm.md section 4, "Why these defaults"; README, "The
+# defaults", measured by tests/schedule_study.py). The additive rule's step does not scale
+# with the rate: its relative pace is beta * S / lr, so at a small lr (1e-28, 1e-12) or
+# under OneCycleLR (rates learned at max_lr / 25 and the step carrying the scheduler's
+# factor) the rates and weights ran away, up to NaN. The multiplicative rule moves a rate by
+# at most the fraction beta * w_k per step whatever the lr or the schedule (a positive rate
+# stays positive and grows by at most (1 + beta)^t), so a schedule shapes the applied rate
+# and nothing else.
 DEFAULT_RULE = "multiplicative"
 # The multiplicative rule's derived delta stays min(beta), the rates' own pace (0.05 by
 # default). The weights' step `w_k (1 + delta cos_k)` moves them only through the
@@ -47,7 +48,7 @@ DEFAULT_RULE = "multiplicative"
 # The additive rule's derived delta `min(beta) / lr**2` overflows float32 below lr ~ 1e-23
 # (and the division itself below ~1e-154); it is capped at float32's largest number, so
 # that it reaches the float32 kernels finite and is what it was wherever it did.
-FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_MAX = torch.finfo(torch.float32).max
 MAX_DERIVED_COMBINATION_LR = FLOAT32_MAX
 # Before they are normalised the weights are clamped into [0, MAX_UNNORMALISED_WEIGHT]: a
 # weight step that overflows (an explicit additive delta at a tiny lr) would give inf / inf =
