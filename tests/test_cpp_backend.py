@@ -9,6 +9,7 @@
 * the CUDA sources compile (nvcc, and the binding against this torch's headers);
 * without a compiler, "cpp" fails with a reason and "auto" falls back to "torch".
 """
+import contextlib
 import math
 import os
 import shutil
@@ -172,6 +173,90 @@ def _op_args(shapes=((3, 5), (4,)), param_level=False, direction="adam"):
     apply = (*lists, *tables, direction, torch.tensor(1.0), 0.0, 0.0, 0.9, 0.999, 1e-8, 0.0, 0.0, torch.tensor(1.0),
              torch.tensor(1.0), torch.full((units,), 1e-3), *coef, True, 0.3, 0.0, math.inf)
     return reduce, apply
+
+
+def _reduce_sums(reduce_args, dtype):
+    """unit_sums and totals of the reduce op on `reduce_args` (from _op_args), run in `dtype`."""
+    r = list(reduce_args)
+    r[:6] = [[t.to(dtype) for t in ts] for ts in r[:6]]
+    r[14] = r[14].to(dtype)  # grad_factor
+    r[-2], r[-1] = torch.zeros(r[-2].shape, dtype=dtype), torch.zeros(3, dtype=dtype)
+    torch.ops.multilevel_hd.reduce(*r)
+    return r[-2].double(), r[-1].double()
+
+
+@contextlib.contextmanager
+def _adam_reduce_loop(isa):
+    """Runs the float32 Adam reduction with the loop `isa` (csrc/cpu/adam_reduce_simd.h);
+    skips where this CPU has no such loop."""
+    try:
+        torch.ops.multilevel_hd.adam_reduce_isa(isa)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    try:
+        yield
+    finally:
+        torch.ops.multilevel_hd.adam_reduce_isa("auto")
+
+
+ISAS = ["exact", "avx2", "avx512"]
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+def test_adam_reduction_loops_within_float32_ulps(isa):
+    """Each loop's u_prev (the approximate ones: refined rsqrt and rcp) against float64, one
+    term per unit so that S isolates u_prev's own error: within 3 float32 ulps; Qu (x^2 over
+    whole rows) and the param-level totals within a few more. m and v span 10^-6..10^2 and
+    10^-30..10^10, rows of 37 (vector loop plus exact tail)."""
+    rows, n = 2000, 37
+    reduce_args, _ = _op_args(((rows, n),), param_level=True)
+    gen = torch.Generator().manual_seed(1)
+    g, m, v = reduce_args[1][0], reduce_args[2][0], reduce_args[3][0]
+    g.zero_()
+    g[torch.arange(rows), torch.randint(0, n, (rows,), generator=gen)] = torch.randn(rows, generator=gen)
+    m.copy_(torch.randn(rows, n, generator=gen) * 10 ** (8 * torch.rand(rows, n, generator=gen) - 6))
+    v.copy_(10 ** (40 * torch.rand(rows, n, generator=gen) - 30))
+    ref, ref_totals = _reduce_sums(reduce_args, torch.float64)
+    with _adam_reduce_loop(isa):
+        sums, totals = _reduce_sums(reduce_args, torch.float32)
+    ulp = torch.finfo(torch.float32).eps
+    assert ((sums[0] - ref[0]).abs() <= 3 * ulp * ref[0].abs()).all(), isa
+    assert ((sums[2] - ref[2]).abs() <= 6 * ulp * ref[2]).all(), isa
+    assert torch.allclose(totals[:2], ref_totals[:2], rtol=6 * ulp, atol=0), isa
+
+
+@needs_cpp
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_approximate_adam_reduction_edge_values(isa, eps):
+    """Where the approximation cannot go (v zero, subnormal, infinite or NaN with m not 0, m
+    infinite, eps 0) the sums equal the exact loop's, NaN for NaN; m = v = 0 gives u_prev 0.
+    Each edge value sits among ordinary ones, in one row per value, beside rows of none."""
+    edges = [(0.0, 0.0), (0.5, 0.0), (-0.5, 1e-40), (0.5, math.inf), (0.5, math.nan), (math.inf, 1.0),
+             (3e-3, 1e-38), (2.0, 3.4e38)]
+    rows, n = 2 * len(edges), 48
+    reduce_args, _ = _op_args(((rows, n),), param_level=True)
+    gen = torch.Generator().manual_seed(2)
+    m, v = reduce_args[2][0], reduce_args[3][0]
+    for i, (m_e, v_e) in enumerate(edges):
+        col = int(torch.randint(0, n, (1,), generator=gen))
+        m[2 * i, col], v[2 * i, col] = m_e, v_e
+    reduce_args = (*reduce_args[:18], eps, *reduce_args[19:])
+    with _adam_reduce_loop("exact"):
+        exact = _reduce_sums(reduce_args, torch.float32)
+    with _adam_reduce_loop(isa):
+        fast = _reduce_sums(reduce_args, torch.float32)
+    for a, b in zip(fast, exact):
+        assert torch.allclose(a, b, rtol=1e-6, atol=0, equal_nan=True), (isa, a, b)
+    assert exact[0][:, 1::2].isfinite().all()  # rows without an edge value
+
+
+@needs_cpp
+def test_adam_reduce_isa_refuses_unknown_loops():
+    with pytest.raises(RuntimeError, match="expected auto, avx512, avx2 or exact"):
+        torch.ops.multilevel_hd.adam_reduce_isa("sse9")
+    assert torch.ops.multilevel_hd.adam_reduce_isa() in ISAS
 
 
 @needs_cpp

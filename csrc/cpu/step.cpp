@@ -6,6 +6,9 @@
 // for AVX-512, AVX2 and baseline x86-64 (target_clones), picked when the library loads.
 // The clones name ISA extensions, not "arch=": a clone with another -march/-mtune could not
 // inline the shared element functions, and its loops would stay scalar.
+// The float32 Adam reduction hands each segment to adam_reduce_simd.h first (its u_prev from
+// refined approximate instructions, so that the pass stays memory-bound where the divider is
+// slow) and finishes the tail here.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -14,6 +17,7 @@
 #include <algorithm>
 
 #include "../ops.h"
+#include "adam_reduce_simd.h"
 #include "parallel.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
@@ -86,6 +90,11 @@ MLHD_VECTOR_CLONES void reduce_chunks(const ReduceArgs& a, const Coef<math_t<S>>
         const Segment seg = segment(t, s);
         T hs[kLanes] = {}, qg[kLanes] = {}, qu[kLanes] = {};
         int64_t e = seg.begin;
+        if constexpr (std::is_same_v<S, float> && U == Uprev::Adam) {
+          const AdamReduceInputs in{rt.g + e, rt.p + e, rt.u0 + e, rt.u1 + e, PARAM ? rt.rate + e : nullptr,
+                                    k.grad_factor, k.weight_decay, rt.rsqrt_bc2, k.eps};
+          e += adam_reduce_simd(in, seg.end - e, PARAM, WD, {hs, qg, qu, dot, sq, nonfinite});
+        }
         for (; e + kLanes <= seg.end; e += kLanes)
           MLHD_INDEPENDENT for (int j = 0; j < kLanes; ++j) element(e + j, j, hs[j], qg[j], qu[j]);
         for (int j = 0; e < seg.end; ++e, ++j) element(e, j, hs[j], qg[j], qu[j]);
@@ -189,6 +198,12 @@ struct CpuRunner {
 };
 
 }  // namespace
+
+// Which loop the float32 Adam reduction runs (adam_reduce_simd.h): the CPU's best by
+// default; tests and benchmarks switch it to compare the approximate loops with the exact one.
+TORCH_LIBRARY_FRAGMENT(multilevel_hd, m) {
+  m.def("adam_reduce_isa(str select='') -> str", [](std::string select) { return adam_reduce_isa(select); });
+}
 
 TORCH_LIBRARY_IMPL(multilevel_hd, CPU, m) {
   m.impl("reduce", &reduce_op<CpuRunner>);

@@ -30,7 +30,7 @@ EMULATION_FLAGS = ["-DMLHD_CUDA_ON_CPU", "-fvisibility=hidden"]
 
 def sources(with_cuda: bool, root: str = CSRC) -> list[str]:
     """The files of multilevel_hd._C; the CUDA ones only for a torch built with CUDA."""
-    files = ["ops.cpp", "cpu/step.cpp", "cpu/levels.cpp"]
+    files = ["ops.cpp", "cpu/step.cpp", "cpu/adam_reduce_simd.cpp", "cpu/levels.cpp"]
     if with_cuda:
         files += ["cuda/binding.cpp", "cuda/step.cu", "cuda/levels.cu"]
     return [os.path.join(root, f) for f in files]
