@@ -240,7 +240,8 @@ struct UnitPass {
   T alpha;         // the coarser levels' part of alpha*: w_global a_global + w_layer a_layer
   T parent;        // the HD-updated rate unit shrinkage pulls toward (the layer's, or global)
   T param_parent;  // the param level's shrinkage target when its parent is coarser than unit
-  bool shrink, parent_is_unit;
+  T parent_is_unit;  // 1 or 0: a math-type value, so that the select on it vectorises
+  bool shrink;
 };
 
 template <typename T>
@@ -276,15 +277,17 @@ MLHD_HD UnitPass<T> unit_pass(const LevelArgs& a, const GroupStep<T>& g, int64_t
                                        : T(0);
   c.sized = a.sized ? T(1) : T(0);
   c.shrink = a.parent[kUnitLevel] != kNoLevel;
-  c.parent_is_unit = pp == kUnitLevel;
+  c.parent_is_unit = pp == kUnitLevel ? T(1) : T(0);
   return c;
 }
 
 // (3) Unit u of the layer: its new unit rate (docs/algorithm.md step 4, moved only when the step moves
 // rates and its tensor steps), its kappa and its param-level shrinkage target.
-// UNIT: the unit level is active (c.rate is not null). Flags become selects of values that
-// are computed anyway, so that the CPU loop over the units vectorises.
-template <typename T, bool MULT, bool UNIT>
+// UNIT: the unit level is active (c.rate is not null); SHRINK: it shrinks toward its parent
+// (c.shrink). Other flags become selects of values that are computed anyway, so that the CPU
+// loop over the units vectorises (GCC 12 does not vectorise a select on a loop-invariant
+// bool, and did not vectorise shrinkage's select around lerp's own).
+template <typename T, bool MULT, bool UNIT, bool SHRINK>
 MLHD_HD void update_unit(const UnitPass<T>& c, int64_t u) {
   if constexpr (!UNIT) {
     c.kappa_out[u] = c.applied * (c.tau_t * c.alpha + c.rest);
@@ -294,11 +297,12 @@ MLHD_HD void update_unit(const UnitPass<T>& c, int64_t u) {
   const T old = c.rate[u];
   const T size = c.sized * c.scale[u] + (1 - c.sized);  // exact: the scale, or 1
   const T hd = hd_update(MULT, old, c.s[u], MULT ? c.qg[u] : T(0), MULT ? c.qu[u] : T(0), c.coef, size, c.beta_w);
-  const T shrunk = c.shrink ? lerp(hd, c.parent, c.rho) : hd;
+  T shrunk = hd;
+  if constexpr (SHRINK) shrunk = lerp(hd, c.parent, c.rho);
   const T now = c.hd_gate * c.mask[u] > 0 ? clamp_rate(shrunk, c.lo, c.hi) : old;
   c.rate[u] = now;
   c.kappa_out[u] = c.applied * (c.tau_t * (c.alpha + c.w_unit * now) + c.rest);
-  c.parent_out[u] = c.parent_is_unit ? (c.hd_gate > 0 ? hd : old) : c.param_parent;
+  c.parent_out[u] = c.parent_is_unit != 0 ? (c.hd_gate > 0 ? hd : old) : c.param_parent;
 }
 
 }  // namespace mlhd

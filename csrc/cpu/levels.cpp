@@ -48,12 +48,15 @@ void level_stage(const LevelArgs& a) {
       const UnitPass<T> c = unit_pass<T>(a, g, l);
       const int64_t begin = a.first_unit[l], end = a.first_unit[l + 1];
       // the arrays are distinct tensors, which the compiler cannot know from their pointers
-      if (c.rate) {
+      if (c.rate && c.shrink) {
 #pragma GCC ivdep
-        for (int64_t u = begin; u < end; ++u) update_unit<T, MULT, true>(c, u);
+        for (int64_t u = begin; u < end; ++u) update_unit<T, MULT, true, true>(c, u);
+      } else if (c.rate) {
+#pragma GCC ivdep
+        for (int64_t u = begin; u < end; ++u) update_unit<T, MULT, true, false>(c, u);
       } else {
 #pragma GCC ivdep
-        for (int64_t u = begin; u < end; ++u) update_unit<T, MULT, false>(c, u);
+        for (int64_t u = begin; u < end; ++u) update_unit<T, MULT, false, false>(c, u);
       }
     }
   });

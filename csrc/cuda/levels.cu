@@ -87,8 +87,9 @@ __global__ void __launch_bounds__(kThreads) units_kernel(LevelArgs a) {
     else hi = mid;
   }
   const UnitPass<T> c = unit_pass<T>(a, *static_cast<const GroupStep<T>*>(a.group_step), lo);
-  if (c.rate) update_unit<T, MULT, true>(c, u);
-  else update_unit<T, MULT, false>(c, u);
+  if (c.rate && c.shrink) update_unit<T, MULT, true, true>(c, u);
+  else if (c.rate) update_unit<T, MULT, true, false>(c, u);
+  else update_unit<T, MULT, false, false>(c, u);
 }
 
 template <typename T, bool MULT>
