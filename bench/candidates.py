@@ -127,6 +127,9 @@ ALL_CANDIDATES = tuple(
     for backend in (MLHD_BACKENDS if cfg.levels is not None else TORCH_IMPLS)
 )
 ADAM_FUSED = Candidate(ADAM, "fused")
+# The report also times these split into their stages (bench/stages.py), beside the floor of a
+# MultiLevelAdam step.
+STAGED = (Candidate(MLHD_ADAM, "cpp"), Candidate(MLHD_ADAM_3, "cpp"))
 # Not in ALL_CANDIDATES: compiling a ResNet's step takes long (Inductor), so only
 # `python -m bench.report --compile` times it.
 MLHD_ADAM_COMPILED = Candidate(MLHD_ADAM, "torch", compiled=True)

@@ -7,11 +7,15 @@ Every available candidate (bench.candidates) of a model, plus two large streamin
 measure the machine's bandwidth (bench.timing.bandwidth_subjects), runs once per round in
 shuffled order (bench.timing). Times are medians over the rounds; ratios are medians of the
 per-round ratios, so that a slow spell on a shared machine, which hits both sides of a ratio
-alike, cancels out. Progress goes to stderr, the report to stdout (and to --out).
+alike, cancels out. On a CPU, the compiled backend's MultiLevelAdam steps (bench.candidates.STAGED)
+also run split into their stages (reduce, levels, apply: bench.stages), as further subjects of
+the same rounds, for a second table beside the floor's parts. Progress goes to stderr, the
+report to stdout (and to --out). One committed report per CPU vendor (bench/results/README.md).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import shlex
 import statistics
@@ -20,8 +24,10 @@ from pathlib import Path
 
 import torch
 
-from .candidates import ADAM_FUSED, ALL_CANDIDATES, MLHD_ADAM_COMPILED, Candidate, Live
+from .candidates import ADAM_FUSED, ALL_CANDIDATES, MLHD_ADAM_COMPILED, STAGED, Candidate, Live
+from .machine import cpu_info
 from .shapes import MODELS, make_grads, make_params, numel
+from .stages import STAGES, timed_stages
 from .timing import STREAM_BYTES, Subject, bandwidth_subjects, interleave
 
 DEFAULT_MODELS = "resnet18,resnet50"
@@ -33,6 +39,8 @@ DTYPE = torch.float32
 READ_PASS = "read g, m, v"
 COLUMNS = ("model", "optimizer", "backend", "median ms", "x mlhd torch", "x Adam fused",
            "min B/elem", "min MB", "GB/s", "% of in-place", "% of copy_")
+STAGE_COLUMNS = ("model", "optimizer", "stage", "median ms", "x Adam fused", "x floor part")
+HOST_PART = "rest of step() (Python)"
 
 
 def _log(msg: str) -> None:
@@ -45,10 +53,17 @@ def _median_ratio(times: dict[str, list[float]], num: Candidate, den: Candidate)
     return statistics.median(a / b for a, b in zip(times[num.id], times[den.id]))
 
 
+def _step_in_stages(live: Live, log: list[dict[str, float]]) -> None:
+    with timed_stages() as seconds:
+        live.step()
+    log.append(seconds)
+
+
 def bench_model(model: str, device: torch.device, repeats: int, warmup: int,
                 wanted: tuple[Candidate, ...] = ALL_CANDIDATES):
-    """The table rows of one model, the bandwidths (GB/s) measured among them, and the floor
-    of a MultiLevelAdam step as a multiple of fused Adam (None without fused Adam)."""
+    """The table rows of one model, the bandwidths (GB/s) measured among them, the floor
+    of a MultiLevelAdam step as a multiple of fused Adam (None without fused Adam), and the
+    rows of the stage table."""
     shapes = MODELS[model]
     candidates, skipped = [], {}
     for cand in wanted:
@@ -72,13 +87,19 @@ def bench_model(model: str, device: torch.device, repeats: int, warmup: int,
     # g * u_prev, u_prev from m and v, and the NaN guard): g, m and v, as one plain read pass.
     g, m, v = (torch.rand(numel(shapes), device=device, dtype=DTYPE) for _ in range(3))
     subjects.append(Subject(READ_PASS, lambda: torch.dot(g, m) + v.sum()))
+    # the stage split runs on a copy of its own: the table's totals are the plain step's
+    staged = {cand: [] for cand in candidates if cand in STAGED and device.type == "cpu"}
+    for cand, log in staged.items():
+        live = Live(cand, params, grad_sets)
+        subjects.append(Subject(_stages_name(cand), functools.partial(_step_in_stages, live, log), live.feed))
     _log(f"{model}: {len(subjects)} subjects x ({warmup} warm-up + {repeats}) rounds")
     times = interleave(subjects, repeats, warmup, device)
     bandwidth = {subject.name: nbytes / statistics.median(times[subject.name]) / 1e9
                  for subject, nbytes in streams}
-    floor = None  # that read pass plus fused Adam, over fused Adam
+    floor_times = floor = None  # that read pass plus fused Adam, per round; over fused Adam
     if ADAM_FUSED in lives:
-        floor = statistics.median((r + a) / a for r, a in zip(times[READ_PASS], times[ADAM_FUSED.id]))
+        floor_times = [r + a for r, a in zip(times[READ_PASS], times[ADAM_FUSED.id])]
+        floor = statistics.median(f / a for f, a in zip(floor_times, times[ADAM_FUSED.id]))
 
     rows = []
     for cand in candidates:
@@ -92,7 +113,41 @@ def bench_model(model: str, device: torch.device, repeats: int, warmup: int,
                      f"{nbytes / numel(shapes):.1f}", _fmt3(nbytes / 1e6),
                      f"{gbps:.1f}", f"{100 * gbps / bandwidth['in-place']:.0f}",
                      f"{100 * gbps / bandwidth['copy_']:.0f}"))
-    return rows, bandwidth, floor
+    # each staged subject ran once per round, warm-up rounds first
+    stage_rows = _stage_rows(model, times, {cand: log[-repeats:] for cand, log in staged.items()}, floor_times)
+    return rows, bandwidth, floor, stage_rows
+
+
+def _stages_name(cand: Candidate) -> str:
+    return f"{cand.id} in stages"
+
+
+def _stage_rows(model: str, times: dict[str, list[float]], stage_logs: dict[Candidate, list[dict[str, float]]],
+                floor: list[float] | None) -> list[tuple[str, ...]]:
+    """Rows of the stage table: the floor's parts, then each staged candidate's stages, the
+    rest of its step and its plain step; times in ms, ratios medians of per-round ratios
+    (those to fused Adam and to the floor "-" where fused Adam was not timed: floor None)."""
+    if not stage_logs:
+        return []
+    read = times[READ_PASS]
+    fused = None if floor is None else times[ADAM_FUSED.id]
+
+    def row(optimizer: str, part: str, seconds: list[float], floor_part: list[float] | None = None):
+        def ratio(den):
+            return "-" if den is None else _fmt_ratio(statistics.median(a / b for a, b in zip(seconds, den)))
+        return (model, optimizer, part, _fmt3(statistics.median(seconds) * 1e3), ratio(fused), ratio(floor_part))
+
+    rows = [row("floor", READ_PASS + " (`dot` + `sum`)", read)]
+    if floor is not None:
+        rows += [row("floor", "Adam fused", fused), row("floor", "read pass + Adam fused", floor)]
+    for cand, log in stage_logs.items():
+        label = f"{cand.config.label} {cand.label}"
+        per_stage = {stage: [seconds[stage] for seconds in log] for stage in STAGES}
+        host = [total - sum(seconds.values()) for total, seconds in zip(times[_stages_name(cand)], log)]
+        rows += [row(label, "reduce", per_stage["reduce"], read), row(label, "levels", per_stage["levels"]),
+                 row(label, "apply", per_stage["apply"], fused), row(label, HOST_PART, host),
+                 row(label, "step() (the table's)", times[cand.id], floor)]
+    return rows
 
 
 def _fmt3(x: float) -> str:
@@ -104,19 +159,26 @@ def _fmt_ratio(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}"
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        return next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+def _cpp_reduce_loop() -> str | None:
+    """Which float32 Adam reduction loop the cpp backend dispatched to on this CPU, where the
+    extension says (torch.ops.multilevel_hd.adam_reduce_isa)."""
+    from multilevel_hd.backends import cpp_backend
+
+    if cpp_backend.unavailable_reason("cpu") is not None or not hasattr(torch.ops.multilevel_hd, "adam_reduce_isa"):
+        return None
+    return torch.ops.multilevel_hd.adam_reduce_isa()
 
 
-def render(args, rows, bandwidth: dict[str, dict[str, float]], floors: dict[str, float | None]) -> str:
+def _table(columns: tuple[str, ...], text_columns: int, rows) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * text_columns + "---:|" * (len(columns) - text_columns),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def render(args, rows, bandwidth: dict[str, dict[str, float]], floors: dict[str, float | None],
+           stage_rows=()) -> str:
     device = torch.device(args.device)
+    cpu = cpu_info()
+    reduce_loop = _cpp_reduce_loop()
     streams = "; ".join(
         f"{model}: " + ", ".join(f"{name} {gbps:.1f} GB/s" for name, gbps in per_model.items())
         for model, per_model in bandwidth.items())
@@ -125,8 +187,11 @@ def render(args, rows, bandwidth: dict[str, dict[str, float]], floors: dict[str,
         "# multilevel_hd optimizer step benchmark",
         "",
         f"- command: `{shlex.join(['python', '-m', 'bench.report', *args.argv])}`",
-        f"- python {platform.python_version()}, torch {torch.__version__}, "
-        f"{device.type} ({_device_name(device)}), torch threads {torch.get_num_threads()}",
+        f"- python {platform.python_version()}, torch {torch.__version__}, {device.type}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f", torch threads {torch.get_num_threads()}",
+        f"- {cpu.describe()}"
+        + (f"; cpp float32 Adam reduction loop: {reduce_loop}" if reduce_loop else ""),
         f"- {DTYPE} parameters; per model {args.warmup} warm-up + {args.repeats} timed rounds, "
         "every candidate once per round in shuffled order; times are medians",
         f"- bandwidth ({STREAM_BYTES // 2**20} MiB `copy_`, in-place `mul_` and read-only `sum`, "
@@ -148,9 +213,24 @@ def render(args, rows, bandwidth: dict[str, dict[str, float]], floors: dict[str,
         "multilevel_hd defaults otherwise; [global+layer+param] starts at weights 0.4/0.3/0.3",
         "",
     ]
-    table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 3 + "---:|" * (len(COLUMNS) - 3)]
-    table += ["| " + " | ".join(row) + " |" for row in rows]
+    table = _table(COLUMNS, 3, rows)
+    if stage_rows:
+        table += [
+            "",
+            "Stages of the compiled CPU step (bench/stages.py: each op of an instrumented copy of the "
+            "optimizer timed with `perf_counter`, in the same rounds; `" + HOST_PART + "`: that copy's "
+            "step less its ops; `step() (the table's)`: the plain step of the table above) beside the "
+            "floor's parts. `x floor part`: reduce / the read pass, apply / fused Adam, step / (read "
+            "pass + fused Adam); medians of per-round ratios.",
+            "",
+            *_table(STAGE_COLUMNS, 3, stage_rows),
+        ]
     return "\n".join(header + table) + "\n"
+
+
+def results_name() -> str:
+    """Where this CPU's report is committed."""
+    return f"bench/results/cpu-{cpu_info().vendor}.md"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -166,7 +246,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help=f"also time {MLHD_ADAM_COMPILED.id}: the torch backend's step() under torch.compile "
                              "(Inductor compiles it in the warm-up rounds, which takes a while on a ResNet)")
-    parser.add_argument("--out", type=Path, help="also write the report to this file")
+    parser.add_argument("--out", type=Path, help="also write the report to this file: one per CPU vendor, "
+                        f"bench/results/cpu-<vendor>.md (this machine's: {results_name()}), or "
+                        "bench/results/cuda.md (bench/results/README.md)")
     args = parser.parse_args(argv)
     args.argv = argv
     args.models = args.models.split(",")
@@ -192,14 +274,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device)
-    rows, bandwidth, floors = [], {}, {}
+    rows, bandwidth, floors, stage_rows = [], {}, {}, []
     for model in args.models:
-        model_rows, bandwidth[model], floors[model] = bench_model(model, device, args.repeats, args.warmup,
-                                                                  args.candidates)
+        model_rows, bandwidth[model], floors[model], model_stage_rows = bench_model(
+            model, device, args.repeats, args.warmup, args.candidates)
         rows += model_rows
+        stage_rows += model_stage_rows
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the next model's candidates need the memory
-    text = render(args, rows, bandwidth, floors)
+    text = render(args, rows, bandwidth, floors, stage_rows)
     print(text, end="")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
