@@ -137,12 +137,11 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                 loss = closure()
         # Every group is checked before any group changes, so that a step that raises leaves
         # everything as it was (a later group's bad option must not find an earlier one stepped).
-        for index, group in enumerate(self.param_groups):
-            self._init_group(group, index, check_only=True)
-        for index, group in enumerate(self.param_groups):
-            active = self._init_group(group, index)
+        checked = [self._init_group(group, index, check_only=True) for index, group in enumerate(self.param_groups)]
+        for index, (group, active) in enumerate(zip(self.param_groups, checked)):
             if not active:
                 continue
+            self._init_group(group, index, checked=active)
             job = self._job(index, group)
             if self._row_shardings[index] is None:
                 self._backends[index].step(job)
@@ -151,9 +150,10 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                 fsdp.step(self._backends[index], job, [self.state[group["params"][j]] for j in rowless])
         return loss
 
-    def _init_group(self, group: dict, index: int, check_only: bool = False) -> tuple:
+    def _init_group(self, group: dict, index: int, check_only: bool = False, checked: tuple | None = None) -> tuple:
         """Everything host-side of a group's step: checks, options, plan, state, backend.
-        Every check comes before anything changes; `check_only` stops there.
+        Every check comes before anything changes; `check_only` stops there. `checked`: what
+        a `check_only` call of this step returned, whose checks need not run again.
 
         Returns the indices (in group order) of the parameters that step: those with a
         gradient and at least one element. Under torch.compile Dynamo runs this method
@@ -161,7 +161,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         decides is guarded through what `_job` reads (the gradients, the cached objects).
         """
         params = group["params"]
-        active = tuple(j for j, p in enumerate(params) if p.grad is not None and p.numel() > 0)
+        active = checked or tuple(j for j, p in enumerate(params) if p.grad is not None and p.numel() > 0)
         if not active:
             if self.sharding_group is not None:  # the other ranks would wait for its sums forever
                 raise RuntimeError(
@@ -170,7 +170,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                 )
             return active
         device = params[active[0]].device
-        for j in active:
+        for j in () if checked else active:
             p = params[j]
             if p.grad.is_sparse:
                 raise RuntimeError("multilevel_hd does not support sparse gradients")
@@ -188,7 +188,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                 f"{state_levels}, the group now says {opts.levels}"
             )
         keys = expected_param_keys(opts)
-        if any(self.state.get(params[j]) and set(self.state[params[j]]) != keys for j in active):
+        if not checked and any((st := self.state.get(params[j])) and st.keys() != keys for j in active):
             raise ValueError(
                 f"the state of param group {index} does not fit its options: momentum cannot become or "
                 "stop being 0, nor nesterov or amsgrad change, after a parameter's first step"
