@@ -111,9 +111,9 @@ def test_failed_build_quotes_the_compiler_and_names_the_log(tmp_path):
         pytest.skip("multilevel_hd._C is installed: nothing is compiled")
     sources = tmp_path / "csrc"
     (sources / "cpu").mkdir(parents=True)
+    for path in _csrc.sources(False, str(sources)):  # the CPU library's files, empty but the first
+        open(path, "w").close()
     (sources / "ops.cpp").write_text("#error planted defect: the compiler stops here\n")
-    for name in ("step.cpp", "levels.cpp"):
-        (sources / "cpu" / name).write_text("")
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"), MLHD_CUDA_ON_CPU="0")
     result = subprocess.run([sys.executable, "-c", FAILING_BUILD, str(sources)], capture_output=True, text=True,
                             env=env, cwd=tmp_path, timeout=300)
