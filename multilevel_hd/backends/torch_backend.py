@@ -39,6 +39,15 @@ def unavailable_reason(device):
 
 
 def step(job: GroupJob) -> None:
+    if _foreach_applies(job):
+        _step_foreach(job)
+    else:
+        _step_per_tensor(job)
+
+
+def _step_per_tensor(job: GroupJob) -> None:
+    """The general path: one tensor at a time (sharded groups, mixed or half precision, the
+    param level, Adam with eps = 0, and under torch.compile)."""
     opts, plan, gs = job.opts, job.plan, job.group_state
     acc = gs["weights"].dtype
     layouts = plan.active_layouts
@@ -220,3 +229,183 @@ def _update_param_rate(g, st: dict, lay, p, opts: GroupOptions, coeffs: StepCoef
     if opts.rate_bounds is not None and opts.rate_bounds != (None, None):
         new.clamp_(*opts.rate_bounds)
     return torch.where(rates_move, new, rate, out=rate)
+
+
+# The foreach path: every stage is a few torch._foreach_* operations over all tensors of
+# the group, or one operation over a flat buffer that holds them side by side, so the
+# operations a step dispatches do not grow with the number of tensors.
+
+
+def _foreach_applies(job: GroupJob) -> bool:
+    """Whether `_step_foreach` covers this group's step. Under torch.compile the per-tensor
+    path is traced instead: Inductor fuses either one, and that one needs no per-plan buffers."""
+    opts = job.opts
+    dtypes = {t.dtype for t in job.params} | {t.dtype for t in job.grads}
+    return (not torch.compiler.is_compiling() and job.sharding_group is None
+            and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
+            and len({t.device for t in job.params}) == 1
+            and "param" not in opts.levels
+            and not (opts.kind == "adam" and opts.eps == 0))
+
+
+class _FlatLayout:
+    """A plan's tensors side by side in one flat buffer, ordered by row length (elements per
+    unit, stable), so that the units of one row length are rows of one [units, row_len]
+    block: the row sums of all tensors take one sum per distinct row length, not one per tensor.
+
+    `views(flat)`: each tensor's place in `flat`, in the plan's order, shaped (contiguous)
+    like the tensor. `unit_index`: for each row of the blocks in turn, its unit in the
+    group's flat unit array; `tensor_of_row`: its tensor's position in the plan."""
+
+    def __init__(self, plan, shapes, device):
+        layouts = plan.active_layouts
+        order = sorted(range(len(layouts)), key=lambda i: layouts[i].row_len)
+        self._places, self.blocks = [None] * len(layouts), []
+        unit_index, tensor_of_row, offset = [], [], 0
+        for i in order:
+            lay = layouts[i]
+            self._places[i] = (offset, lay.numel, shapes[i])
+            if self.blocks and self.blocks[-1][2] == lay.row_len:
+                start, units, row_len = self.blocks[-1]
+                self.blocks[-1] = (start, units + lay.units, row_len)
+            else:
+                self.blocks.append((offset, lay.units, lay.row_len))
+            unit_index += range(lay.unit_offset, lay.unit_offset + lay.units)
+            tensor_of_row += [i] * lay.units
+            offset += lay.numel
+        self.numel = offset
+        self.unit_index = torch.tensor(unit_index, device=device)
+        self.tensor_of_row = torch.tensor(tensor_of_row, device=device)
+        tensor_of_unit = torch.zeros(plan.layout.num_units, dtype=torch.int64)  # units that do not step: any
+        tensor_of_unit[unit_index] = torch.tensor(tensor_of_row, dtype=torch.int64)
+        self.tensor_of_unit = tensor_of_unit.to(device)
+
+    def views(self, flat: torch.Tensor) -> list:
+        return [flat[offset : offset + numel].view(shape) for offset, numel, shape in self._places]
+
+    def row_dots(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The dot products of the rows of flat buffers `a` and `b`, in block order: one
+        batched matrix product per block, which reads both once (a product and a sum would
+        write and read a full-size temporary)."""
+        return torch.cat([torch.einsum("ij,ij->i", a[start : start + units * row_len].view(units, row_len),
+                                       b[start : start + units * row_len].view(units, row_len))
+                          for start, units, row_len in self.blocks])
+
+
+def _flat_layout(job: GroupJob) -> _FlatLayout:
+    device = job.params[0].device
+    return job.plan.cached(("foreach_layout", device),
+                           lambda: _FlatLayout(job.plan, [p.shape for p in job.params], device))
+
+
+def _flat_views(job: GroupJob, slot: str) -> tuple[torch.Tensor, list]:
+    """A flat buffer of the plan's elements for `slot` and its per-tensor views, made once per plan."""
+    flat = _flat_layout(job)
+    p = job.params[0]
+
+    def make():
+        buf = torch.empty(flat.numel, dtype=p.dtype, device=p.device)
+        return buf, flat.views(buf)
+
+    return job.plan.cached(("foreach_flat", slot, p.device, p.dtype), make)
+
+
+def _unit_views(job: GroupJob, slot: str, per_unit: torch.Tensor) -> list:
+    """`per_unit` (one value per unit of the group) as one view per tensor that broadcasts
+    against it, through a buffer made once per plan (views of a fresh array would take two
+    operations per tensor and step)."""
+    p = job.params[0]
+
+    def make():
+        buf = torch.empty(job.plan.layout.num_units, dtype=p.dtype, device=p.device)
+        return buf, [unit_view(buf, lay, q) for lay, q in zip(job.plan.active_layouts, job.params)]
+
+    buf, views = job.plan.cached(("foreach_units", slot, p.device, p.dtype), make)
+    buf.copy_(per_unit)
+    return views
+
+
+def _adam_directions(exp_avgs, exp_avg_sqs, steps, opts: GroupOptions, out: list) -> torch.Tensor:
+    """`_adam_direction` for all tensors: x into `out`, the scale returned as a vector (one per tensor)."""
+    s = torch.stack(steps).to(torch.float64).clamp(min=1)
+    dtype = exp_avgs[0].dtype
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_mul_(denom, torch.unbind((1 - opts.beta2**s).rsqrt().to(dtype)))
+    torch._foreach_add_(denom, opts.eps)
+    torch._foreach_copy_(out, exp_avgs)
+    torch._foreach_div_(out, denom)
+    return (1 / (1 - opts.beta1**s)).to(dtype)
+
+
+def _state_list(job: GroupJob, key: str) -> list:
+    return [st[key] for st in job.states]
+
+
+def _step_foreach(job: GroupJob) -> None:
+    opts, plan = job.opts, job.plan
+    flat = _flat_layout(job)
+    params, dtype = job.params, job.params[0].dtype
+    steps = _state_list(job, "step")
+    g_flat, g = _flat_views(job, "grad")
+    torch._foreach_copy_(g, job.grads)
+    if opts.maximize or job.grad_scale is not None:
+        torch._foreach_mul_(g, job.grad_factor(dtype))
+    if opts.weight_decay > 0 and not opts.decoupled_weight_decay:
+        torch._foreach_add_(g, params, alpha=opts.weight_decay)
+
+    # Reduction: u_prev into a flat buffer beside g's, then per unit the dots of their rows.
+    x_flat, x = _flat_views(job, "direction")
+    if opts.kind == "adam":
+        v_key = "max_exp_avg_sq" if opts.amsgrad else "exp_avg_sq"
+        scale = _adam_directions(_state_list(job, "exp_avg"), _state_list(job, v_key), steps, opts, out=x)
+    else:
+        torch._foreach_copy_(x, _state_list(job, "prev_direction" if opts.stores_direction else "momentum_buffer"))
+        scale = None
+    row_scale = None if scale is None else scale[flat.tensor_of_row]
+
+    def unit_sums(a, b, factor=None):  # per unit of the group, the dots of a's and b's rows
+        rows = flat.row_dots(a, b)
+        rows = rows if factor is None else rows * factor
+        return torch.zeros(plan.layout.num_units, dtype=dtype, device=a.device).index_copy_(0, flat.unit_index, rows)
+
+    sums = UnitSums(s=unit_sums(g_flat, x_flat, row_scale))
+    if opts.rule == "multiplicative":
+        sums.qg = unit_sums(g_flat, g_flat)
+        sums.qu = unit_sums(x_flat, x_flat, None if scale is None else row_scale * row_scale)
+    if opts.skip_nonfinite:  # the extremes are NaN or infinite iff an element is
+        sums.finite = torch.stack(torch.aminmax(g_flat)).isfinite().all()
+
+    coeffs = update_levels(job, sums)
+    proceeds = coeffs.gate > 0
+    gate = coeffs.gate.to(dtype)
+    # A skipped step sees g = 0: then every update below is exactly the identity (kappa is
+    # 0, a moment is scaled by 1 and gets 0 added), without a select on the state.
+    g_flat.masked_fill_(~proceeds, 0)
+
+    first = torch.stack(steps) == 0
+    torch._foreach_add_(steps, gate)
+    if opts.kind == "adam":
+        exp_avgs, exp_avg_sqs = _state_list(job, "exp_avg"), _state_list(job, "exp_avg_sq")
+        torch._foreach_lerp_(exp_avgs, g, [(1 - opts.beta1) * gate] * len(g))
+        torch._foreach_mul_(exp_avg_sqs, torch.full_like(gate, opts.beta2).where(proceeds, 1.0))
+        torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1 - opts.beta2)
+        if opts.amsgrad:  # the maximum of the raw v, after this step's update (torch.optim.Adam)
+            torch._foreach_maximum_(_state_list(job, "max_exp_avg_sq"), exp_avg_sqs)
+            exp_avg_sqs = _state_list(job, "max_exp_avg_sq")
+        u, scale = x, _adam_directions(exp_avgs, exp_avg_sqs, steps, opts, out=x)
+    else:
+        u, scale = g, None
+        if opts.momentum != 0:
+            # buf = g at the parameter's first step: buf is still zero then, so only g's factor changes
+            bufs = _state_list(job, "momentum_buffer")
+            torch._foreach_mul_(bufs, torch.full_like(gate, opts.momentum).where(proceeds, 1.0))
+            torch._foreach_addcmul_(bufs, g, torch.unbind(1 - opts.dampening * (~first).to(dtype)))
+            u = torch._foreach_add(g, bufs, alpha=opts.momentum) if opts.nesterov else bufs
+        if opts.stores_direction:  # weight 1 gives u exactly, weight 0 the old direction
+            torch._foreach_lerp_(_state_list(job, "prev_direction"), u, [gate] * len(u))
+    kappa = coeffs.kappa_units
+    if opts.decoupled_weight_decay and opts.weight_decay > 0:
+        torch._foreach_addcmul_(params, params, _unit_views(job, "kappa", kappa), value=-opts.weight_decay)
+    if scale is not None:
+        kappa = kappa * scale[flat.tensor_of_unit]
+    torch._foreach_addcmul_(params, u, _unit_views(job, "kappa_scaled", kappa), value=-1)
