@@ -283,13 +283,17 @@ class _FlatLayout:
     def views(self, flat: torch.Tensor) -> list:
         return [flat[offset : offset + numel].view(shape) for offset, numel, shape in self._places]
 
-    def row_dots(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """The dot products of the rows of flat buffers `a` and `b`, in block order: one
-        batched matrix product per block, which reads both once (a product and a sum would
-        write and read a full-size temporary)."""
-        return torch.cat([torch.einsum("ij,ij->i", a[start : start + units * row_len].view(units, row_len),
-                                       b[start : start + units * row_len].view(units, row_len))
-                          for start, units, row_len in self.blocks])
+    def _blocks(self, flat: torch.Tensor):
+        return [flat[start : start + units * row_len].view(units, row_len) for start, units, row_len in self.blocks]
+
+    def row_sums(self, flat: torch.Tensor) -> torch.Tensor:
+        """The sums of the rows of a flat buffer, in block order."""
+        return torch.cat([block.sum(1) for block in self._blocks(flat)])
+
+    def row_squares(self, flat: torch.Tensor) -> torch.Tensor:
+        """The sums of the squares of the rows, in block order: as squared norms, which read
+        the buffer once (a square and a sum would write and read a full-size temporary)."""
+        return torch.cat([torch.linalg.vector_norm(block, dim=1) for block in self._blocks(flat)]).square()
 
 
 def _flat_layout(job: GroupJob) -> _FlatLayout:
@@ -325,16 +329,21 @@ def _unit_views(job: GroupJob, slot: str, per_unit: torch.Tensor) -> list:
     return views
 
 
-def _adam_directions(exp_avgs, exp_avg_sqs, steps, opts: GroupOptions, out: list) -> torch.Tensor:
-    """`_adam_direction` for all tensors: x into `out`, the scale returned as a vector (one per tensor)."""
+def _adam_directions(job: GroupJob, exp_avgs, exp_avg_sqs, steps) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """`_adam_direction` for all tensors: x in the flat "direction" buffer (flat, and as
+    per-tensor views), and the scale as a vector (one per tensor). Every full-size operation
+    is in place on a buffer made once per plan: a fresh one costs its page faults again."""
+    opts = job.opts
     s = torch.stack(steps).to(torch.float64).clamp(min=1)
-    dtype = exp_avgs[0].dtype
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_mul_(denom, torch.unbind((1 - opts.beta2**s).rsqrt().to(dtype)))
-    torch._foreach_add_(denom, opts.eps)
-    torch._foreach_copy_(out, exp_avgs)
-    torch._foreach_div_(out, denom)
-    return (1 / (1 - opts.beta1**s)).to(dtype)
+    denom_flat, denom = _flat_views(job, "denominator")
+    x_flat, x = _flat_views(job, "direction")
+    torch._foreach_copy_(denom, exp_avg_sqs)
+    denom_flat.sqrt_()
+    torch._foreach_mul_(denom, torch.unbind((1 - opts.beta2**s).rsqrt().to(denom_flat.dtype)))
+    denom_flat.add_(opts.eps)
+    torch._foreach_copy_(x, exp_avgs)
+    x_flat.div_(denom_flat)
+    return x_flat, x, (1 / (1 - opts.beta1**s)).to(x_flat.dtype)
 
 
 def _state_list(job: GroupJob, key: str) -> list:
@@ -353,25 +362,25 @@ def _step_foreach(job: GroupJob) -> None:
     if opts.weight_decay > 0 and not opts.decoupled_weight_decay:
         torch._foreach_add_(g, params, alpha=opts.weight_decay)
 
-    # Reduction: u_prev into a flat buffer beside g's, then per unit the dots of their rows.
-    x_flat, x = _flat_views(job, "direction")
+    # Reduction: u_prev into a flat buffer beside g's, then per unit the sums of their rows.
     if opts.kind == "adam":
         v_key = "max_exp_avg_sq" if opts.amsgrad else "exp_avg_sq"
-        scale = _adam_directions(_state_list(job, "exp_avg"), _state_list(job, v_key), steps, opts, out=x)
+        x_flat, _, scale = _adam_directions(job, _state_list(job, "exp_avg"), _state_list(job, v_key), steps)
+        row_scale = scale[flat.tensor_of_row]
     else:
+        x_flat, x = _flat_views(job, "direction")
         torch._foreach_copy_(x, _state_list(job, "prev_direction" if opts.stores_direction else "momentum_buffer"))
-        scale = None
-    row_scale = None if scale is None else scale[flat.tensor_of_row]
+        row_scale = None
 
-    def unit_sums(a, b, factor=None):  # per unit of the group, the dots of a's and b's rows
-        rows = flat.row_dots(a, b)
+    def unit_sums(rows, factor=None):  # rows in block order -> the group's flat unit array
         rows = rows if factor is None else rows * factor
-        return torch.zeros(plan.layout.num_units, dtype=dtype, device=a.device).index_copy_(0, flat.unit_index, rows)
+        return torch.zeros(plan.layout.num_units, dtype=dtype, device=rows.device).index_copy_(0, flat.unit_index, rows)
 
-    sums = UnitSums(s=unit_sums(g_flat, x_flat, row_scale))
+    sums = UnitSums(s=None)
     if opts.rule == "multiplicative":
-        sums.qg = unit_sums(g_flat, g_flat)
-        sums.qu = unit_sums(x_flat, x_flat, None if scale is None else row_scale * row_scale)
+        sums.qg = unit_sums(flat.row_squares(g_flat))
+        sums.qu = unit_sums(flat.row_squares(x_flat), None if row_scale is None else row_scale * row_scale)
+    sums.s = unit_sums(flat.row_sums(x_flat.mul_(g_flat)), row_scale)  # x becomes h = g * x
     if opts.skip_nonfinite:  # the extremes are NaN or infinite iff an element is
         sums.finite = torch.stack(torch.aminmax(g_flat)).isfinite().all()
 
@@ -392,7 +401,7 @@ def _step_foreach(job: GroupJob) -> None:
         if opts.amsgrad:  # the maximum of the raw v, after this step's update (torch.optim.Adam)
             torch._foreach_maximum_(_state_list(job, "max_exp_avg_sq"), exp_avg_sqs)
             exp_avg_sqs = _state_list(job, "max_exp_avg_sq")
-        u, scale = x, _adam_directions(exp_avgs, exp_avg_sqs, steps, opts, out=x)
+        _, u, scale = _adam_directions(job, exp_avgs, exp_avg_sqs, steps)
     else:
         u, scale = g, None
         if opts.momentum != 0:
@@ -400,7 +409,11 @@ def _step_foreach(job: GroupJob) -> None:
             bufs = _state_list(job, "momentum_buffer")
             torch._foreach_mul_(bufs, torch.full_like(gate, opts.momentum).where(proceeds, 1.0))
             torch._foreach_addcmul_(bufs, g, torch.unbind(1 - opts.dampening * (~first).to(dtype)))
-            u = torch._foreach_add(g, bufs, alpha=opts.momentum) if opts.nesterov else bufs
+            u = bufs
+            if opts.nesterov:
+                _, u = _flat_views(job, "direction")
+                torch._foreach_copy_(u, g)
+                torch._foreach_add_(u, bufs, alpha=opts.momentum)
         if opts.stores_direction:  # weight 1 gives u exactly, weight 0 the old direction
             torch._foreach_lerp_(_state_list(job, "prev_direction"), u, [gate] * len(u))
     kappa = coeffs.kappa_units
