@@ -329,21 +329,19 @@ def _unit_views(job: GroupJob, slot: str, per_unit: torch.Tensor) -> list:
     return views
 
 
-def _adam_directions(job: GroupJob, exp_avgs, exp_avg_sqs, steps) -> tuple[torch.Tensor, list, torch.Tensor]:
-    """`_adam_direction` for all tensors: x in the flat "direction" buffer (flat, and as
-    per-tensor views), and the scale as a vector (one per tensor). Every full-size operation
-    is in place on a buffer made once per plan: a fresh one costs its page faults again."""
+def _adam_denominators(job: GroupJob, exp_avg_sqs, steps) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """`_adam_direction` for all tensors, up to the division: x = m / denominator with the
+    denominators in the flat "denominator" buffer (flat, and as per-tensor views), and the
+    scale as a vector (one per tensor). Every full-size operation is in place on a buffer
+    made once per plan: a fresh one costs its page faults again."""
     opts = job.opts
     s = torch.stack(steps).to(torch.float64).clamp(min=1)
     denom_flat, denom = _flat_views(job, "denominator")
-    x_flat, x = _flat_views(job, "direction")
     torch._foreach_copy_(denom, exp_avg_sqs)
     denom_flat.sqrt_()
     torch._foreach_mul_(denom, torch.unbind((1 - opts.beta2**s).rsqrt().to(denom_flat.dtype)))
     denom_flat.add_(opts.eps)
-    torch._foreach_copy_(x, exp_avgs)
-    x_flat.div_(denom_flat)
-    return x_flat, x, (1 / (1 - opts.beta1**s)).to(x_flat.dtype)
+    return denom_flat, denom, (1 / (1 - opts.beta1**s)).to(denom_flat.dtype)
 
 
 def _state_list(job: GroupJob, key: str) -> list:
@@ -365,7 +363,10 @@ def _step_foreach(job: GroupJob) -> None:
     # Reduction: u_prev into a flat buffer beside g's, then per unit the sums of their rows.
     if opts.kind == "adam":
         v_key = "max_exp_avg_sq" if opts.amsgrad else "exp_avg_sq"
-        x_flat, _, scale = _adam_directions(job, _state_list(job, "exp_avg"), _state_list(job, v_key), steps)
+        denom_flat, _, scale = _adam_denominators(job, _state_list(job, v_key), steps)
+        x_flat, x = _flat_views(job, "direction")
+        torch._foreach_copy_(x, _state_list(job, "exp_avg"))
+        x_flat.div_(denom_flat)
         row_scale = scale[flat.tensor_of_row]
     else:
         x_flat, x = _flat_views(job, "direction")
@@ -396,7 +397,7 @@ def _step_foreach(job: GroupJob) -> None:
     elif job.found_inf is not None:  # no guard: NaN in a step that proceeds must reach p
         g_flat.masked_fill_(~proceeds, 0)
 
-    first = torch.stack(steps) == 0
+    first = torch.stack(steps) == 0 if opts.kind == "sgd" and opts.momentum != 0 else None
     torch._foreach_add_(steps, gate)
     if opts.kind == "adam":
         exp_avgs, exp_avg_sqs = _state_list(job, "exp_avg"), _state_list(job, "exp_avg_sq")
@@ -406,9 +407,9 @@ def _step_foreach(job: GroupJob) -> None:
         if opts.amsgrad:  # the maximum of the raw v, after this step's update (torch.optim.Adam)
             torch._foreach_maximum_(_state_list(job, "max_exp_avg_sq"), exp_avg_sqs)
             exp_avg_sqs = _state_list(job, "max_exp_avg_sq")
-        _, u, scale = _adam_directions(job, exp_avgs, exp_avg_sqs, steps)
+        _, denom, scale = _adam_denominators(job, exp_avg_sqs, steps)
     else:
-        u, scale = g, None
+        u = g
         if opts.momentum != 0:
             # buf = g at the parameter's first step: buf is still zero then, so only g's factor changes
             bufs = _state_list(job, "momentum_buffer")
@@ -424,6 +425,9 @@ def _step_foreach(job: GroupJob) -> None:
     kappa = coeffs.kappa_units
     if opts.decoupled_weight_decay and opts.weight_decay > 0:
         torch._foreach_addcmul_(params, params, _unit_views(job, "kappa", kappa), value=-opts.weight_decay)
-    if scale is not None:
-        kappa = kappa * scale[flat.tensor_of_unit]
-    torch._foreach_addcmul_(params, u, _unit_views(job, "kappa_scaled", kappa), value=-1)
+    if opts.kind == "adam":  # p - kappa * m / denom as p - m / (denom / kappa): no copy of m
+        # (kappa = 0, a skipped step, makes the quotient infinite and the update 0)
+        torch._foreach_div_(denom, _unit_views(job, "kappa_scaled", kappa * scale[flat.tensor_of_unit]))
+        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-1)
+    else:
+        torch._foreach_addcmul_(params, u, _unit_views(job, "kappa", kappa), value=-1)
