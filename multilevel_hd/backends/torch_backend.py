@@ -331,17 +331,19 @@ def _unit_views(job: GroupJob, slot: str, per_unit: torch.Tensor) -> list:
 
 def _adam_denominators(job: GroupJob, exp_avg_sqs, steps) -> tuple[torch.Tensor, list, torch.Tensor]:
     """`_adam_direction` for all tensors, up to the division: x = m / denominator with the
-    denominators in the flat "denominator" buffer (flat, and as per-tensor views), and the
-    scale as a vector (one per tensor). Every full-size operation is in place on a buffer
-    made once per plan: a fresh one costs its page faults again."""
+    denominators sqrt(v) + eps * sqrt(1 - b2^s) in the flat "denominator" buffer (flat, and
+    as per-tensor views), and the scale sqrt(1 - b2^s) / (1 - b1^s) as a vector (one per
+    tensor): the bias correction of v moves into the scale, so it costs no pass over the
+    elements. Every full-size operation is in place on a buffer made once per plan: a fresh
+    one costs its page faults again."""
     opts = job.opts
     s = torch.stack(steps).to(torch.float64).clamp(min=1)
+    root = (1 - opts.beta2**s).sqrt()
     denom_flat, denom = _flat_views(job, "denominator")
     torch._foreach_copy_(denom, exp_avg_sqs)
     denom_flat.sqrt_()
-    torch._foreach_mul_(denom, torch.unbind((1 - opts.beta2**s).rsqrt().to(denom_flat.dtype)))
-    denom_flat.add_(opts.eps)
-    return denom_flat, denom, (1 / (1 - opts.beta1**s)).to(denom_flat.dtype)
+    torch._foreach_add_(denom, torch.unbind((opts.eps * root).to(denom_flat.dtype)))
+    return denom_flat, denom, (root / (1 - opts.beta1**s)).to(denom_flat.dtype)
 
 
 def _state_list(job: GroupJob, key: str) -> list:
