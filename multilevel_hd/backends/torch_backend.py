@@ -365,10 +365,9 @@ def _step_foreach(job: GroupJob) -> None:
     # Reduction: u_prev into a flat buffer beside g's, then per unit the sums of their rows.
     if opts.kind == "adam":
         v_key = "max_exp_avg_sq" if opts.amsgrad else "exp_avg_sq"
-        denom_flat, _, scale = _adam_denominators(job, _state_list(job, v_key), steps)
-        x_flat, x = _flat_views(job, "direction")
-        torch._foreach_copy_(x, _state_list(job, "exp_avg"))
-        x_flat.div_(denom_flat)
+        x_flat, x, scale = _adam_denominators(job, _state_list(job, v_key), steps)
+        x_flat.reciprocal_()  # x = m / denominator, in place (a copy of m and a division cost more)
+        torch._foreach_mul_(x, _state_list(job, "exp_avg"))
         row_scale = scale[flat.tensor_of_row]
     else:
         x_flat, x = _flat_views(job, "direction")
@@ -427,9 +426,10 @@ def _step_foreach(job: GroupJob) -> None:
     kappa = coeffs.kappa_units
     if opts.decoupled_weight_decay and opts.weight_decay > 0:
         torch._foreach_addcmul_(params, params, _unit_views(job, "kappa", kappa), value=-opts.weight_decay)
-    if opts.kind == "adam":  # p - kappa * m / denom as p - m / (denom / kappa): no copy of m
-        # (kappa = 0, a skipped step, makes the quotient infinite and the update 0)
-        torch._foreach_div_(denom, _unit_views(job, "kappa_scaled", kappa * scale[flat.tensor_of_unit]))
+    if opts.kind == "adam":  # p - kappa * m / denom as p - m / (denom * (1 / kappa)): no copy
+        # of m, no division per element (kappa = 0, a skipped step, makes the update m / inf = 0)
+        inverse = (kappa * scale[flat.tensor_of_unit]).reciprocal()
+        torch._foreach_mul_(denom, _unit_views(job, "kappa_inverse", inverse))
         torch._foreach_addcdiv_(params, exp_avgs, denom, value=-1)
     else:
         torch._foreach_addcmul_(params, u, _unit_views(job, "kappa", kappa), value=-1)
