@@ -16,7 +16,8 @@ Two paths compute the same math:
   (tests/test_torch_backend_ops.py). A skipped step (NaN/Inf gradient, GradScaler's
   found_inf) runs with g = 0, where every update is the identity (kappa = 0, moments scaled
   by 1 plus 0, stored directions lerped with weight 0), so nothing is selected per state
-  tensor and nothing is read on the host.
+  tensor and nothing is read on the host; every tensor stays the same up to the sign of a
+  zero (-0.0 + +0.0 is +0.0).
 * `_step_per_tensor`, for everything else (sharded groups, half or mixed precision, the
   param level, Adam with eps = 0, and under torch.compile, where Inductor fuses either path
   and this one needs no per-plan buffers): a loop over tensors whose every operation is an
