@@ -346,15 +346,15 @@ def _unit_views(job: GroupJob, slot: str, per_unit: torch.Tensor) -> list:
     return views
 
 
-def _adam_denominators(job: GroupJob, exp_avg_sqs, steps) -> tuple[torch.Tensor, list, torch.Tensor]:
+def _adam_denominators(job: GroupJob, exp_avg_sqs, steps: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor]:
     """`_adam_direction` for all tensors, up to the division: x = m / denominator with the
     denominators sqrt(v) + eps * sqrt(1 - b2^s) in the flat "denominator" buffer (flat, and
     as per-tensor views), and the scale sqrt(1 - b2^s) / (1 - b1^s) as a vector (one per
     tensor): the bias correction of v moves into the scale, so it costs no pass over the
     elements. Every full-size operation is in place on a buffer made once per plan: a fresh
-    one costs its page faults again."""
+    one costs its page faults again. `steps`: the tensors' step counts as one vector."""
     opts = job.opts
-    s = torch.stack(steps).to(torch.float64).clamp(min=1)
+    s = steps.to(torch.float64).clamp(min=1)
     root = (1 - opts.beta2**s).sqrt()
     denom_flat, denom = _flat_views(job, "denominator")
     torch._foreach_copy_(denom, exp_avg_sqs)
@@ -372,6 +372,7 @@ def _step_foreach(job: GroupJob) -> None:
     flat = _flat_layout(job)
     params, dtype = job.params, job.params[0].dtype
     steps = _state_list(job, "step")
+    step_counts = torch.stack(steps)  # before this step
     g_flat, g = _flat_views(job, "grad")
     torch._foreach_copy_(g, job.grads)
     if opts.maximize or job.grad_scale is not None:
@@ -382,7 +383,7 @@ def _step_foreach(job: GroupJob) -> None:
     # Reduction: u_prev into a flat buffer beside g's, then per unit the sums of their rows.
     if opts.kind == "adam":
         v_key = "max_exp_avg_sq" if opts.amsgrad else "exp_avg_sq"
-        x_flat, x, scale = _adam_denominators(job, _state_list(job, v_key), steps)
+        x_flat, x, scale = _adam_denominators(job, _state_list(job, v_key), step_counts)
         x_flat.reciprocal_()  # x = m / denominator, in place (a copy of m and a division cost more)
         torch._foreach_mul_(x, _state_list(job, "exp_avg"))
         row_scale = scale[flat.tensor_of_row]
@@ -415,7 +416,6 @@ def _step_foreach(job: GroupJob) -> None:
     elif job.found_inf is not None:  # no guard: NaN in a step that proceeds must reach p
         g_flat.masked_fill_(~proceeds, 0)
 
-    first = torch.stack(steps) == 0 if opts.kind == "sgd" and opts.momentum != 0 else None
     torch._foreach_add_(steps, gate)
     if opts.kind == "adam":
         exp_avgs, exp_avg_sqs = _state_list(job, "exp_avg"), _state_list(job, "exp_avg_sq")
@@ -425,14 +425,14 @@ def _step_foreach(job: GroupJob) -> None:
         if opts.amsgrad:  # the maximum of the raw v, after this step's update (torch.optim.Adam)
             torch._foreach_maximum_(_state_list(job, "max_exp_avg_sq"), exp_avg_sqs)
             exp_avg_sqs = _state_list(job, "max_exp_avg_sq")
-        _, denom, scale = _adam_denominators(job, exp_avg_sqs, steps)
+        _, denom, scale = _adam_denominators(job, exp_avg_sqs, step_counts + gate)
     else:
         u = g
         if opts.momentum != 0:
             # buf = g at the parameter's first step: buf is still zero then, so only g's factor changes
             bufs = _state_list(job, "momentum_buffer")
             torch._foreach_mul_(bufs, torch.full_like(gate, opts.momentum).where(proceeds, 1.0))
-            torch._foreach_addcmul_(bufs, g, torch.unbind(1 - opts.dampening * (~first).to(dtype)))
+            torch._foreach_addcmul_(bufs, g, torch.unbind(1 - opts.dampening * (step_counts != 0).to(dtype)))
             u = bufs
             if opts.nesterov:
                 _, u = _flat_views(job, "direction")
