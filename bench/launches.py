@@ -5,16 +5,20 @@
 On CUDA, torch.profiler counts the kernels and host-device copies one warmed-up step
 launches; a fused backend's count must not grow with the number of tensors (compare
 resnet50's 161 tensors with resnet152's 467). It also reports, per compiled Triton kernel,
-its 16-byte (v4) against its scalar global loads, from the PTX. On the CPU (the Triton
-interpreter) only the triton backend's own launch counter is shown.
+its 16-byte (v4) against its scalar global loads, from the PTX. On the CPU it counts the
+ATen operations a step dispatches (`count_dispatched_ops`; a torch._foreach_* operation
+counts once, as it is one launch on a GPU) and the triton backend's own launch counter.
 """
 from __future__ import annotations
 
 import argparse
 import re
 
+import collections
+
 import torch
 from torch.autograd import DeviceType
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .candidates import ALL_CANDIDATES, Live
 from .shapes import MODELS, make_grads, make_params
@@ -41,6 +45,23 @@ def count_cuda(live: Live) -> tuple[int, int]:
     return len(events) - copies, copies
 
 
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_dispatched_ops(fn) -> collections.Counter:
+    """How many times `fn()` dispatches each ATen operation (views and host reads included)."""
+    with _OpCounter() as counter:
+        fn()
+    return counter.counts
+
+
 def ptx_loads() -> list[str]:
     """Per compiled Triton kernel of multilevel_hd: its v4 and its scalar global loads."""
     from multilevel_hd.backends import triton_tables
@@ -65,20 +86,20 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     from multilevel_hd.backends import triton_backend
 
-    print("| model | tensors | optimizer | backend | kernels / step | copies / step | Triton launches |")
+    ops = "kernels" if device.type == "cuda" else "ATen ops"
+    print(f"| model | tensors | optimizer | backend | {ops} / step | copies / step | Triton launches |")
     print("|---|---:|---|---|---:|---:|---:|")
     for model in args.models.split(","):
         shapes = MODELS[model]
         for cand in ALL_CANDIDATES:
             if cand.unavailable_reason(shapes, device) is not None or cand.backend == "reference":
                 continue
-            if device.type == "cpu" and cand.backend != "triton":
-                continue
             live = _warm_live(cand, shapes, device)
-            kernels, copies = count_cuda(live) if device.type == "cuda" else ("-", "-")
-            if device.type == "cpu":
+            if device.type == "cuda":
+                kernels, copies = count_cuda(live)
+            else:
                 live.feed()
-                live.step()
+                kernels, copies = sum(count_dispatched_ops(live.step).values()), "-"
             triton = triton_backend.launches_last_step if cand.backend == "triton" else "-"
             print(f"| {model} | {len(shapes)} | {cand.config.label} | {cand.backend} | {kernels} | {copies} | {triton} |",
                   flush=True)
