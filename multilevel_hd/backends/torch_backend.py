@@ -41,6 +41,8 @@ temporaries, which Inductor fuses away.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..hierarchy import unit_view
@@ -70,15 +72,16 @@ def _step_per_tensor(job: GroupJob) -> None:
     layouts = plan.active_layouts
     multiplicative = opts.rule == "multiplicative"
     param_sums = "param" in opts.levels and opts.multi_level
+    corrections = _BiasCorrections(job.states, opts) if opts.kind == "adam" else None
     sums = UnitSums(s=torch.zeros(plan.layout.num_units, dtype=acc, device=gs["weights"].device))
     if multiplicative:
         sums.qg, sums.qu = torch.zeros_like(sums.s), torch.zeros_like(sums.s)
     dots, squares, extremes = [], [], []
-    for p, grad, st, lay in zip(job.params, job.grads, job.states, layouts):
+    for i, (p, grad, st, lay) in enumerate(zip(job.params, job.grads, job.states, layouts)):
         g = _effective_grad(p, grad, job)
         if opts.skip_nonfinite:  # max and min are NaN or infinite iff an element is
             extremes += [g.amax(), g.amin()]
-        x, scale = _previous_direction(st, opts)  # u_prev = x * scale, scale per tensor
+        x, scale = _previous_direction(st, opts, corrections, i)  # u_prev = x * scale, scale per tensor
         h = torch.mul(g, x, out=_scratch("h", g))
         rows = slice(lay.unit_offset, lay.unit_offset + lay.units)
         _row_sums(h, sums.s[rows], scale)
@@ -97,15 +100,70 @@ def _step_per_tensor(job: GroupJob) -> None:
         sums.finite = torch.stack(extremes).isfinite().all()
 
     coeffs = update_levels(job, sums)
-    proceeds, rates_move = coeffs.gate > 0, coeffs.hd_gate > 0
-
-    for p, grad, st, lay in zip(job.params, job.grads, job.states, layouts):
+    gates = _Gates(coeffs, opts, can_skip=opts.skip_nonfinite or job.found_inf is not None)
+    for i, (p, grad, st, lay) in enumerate(zip(job.params, job.grads, job.states, layouts)):
         g = _effective_grad(p, grad, job)
         kappa = unit_view(coeffs.kappa_units, lay, p).to(g.dtype)
         if "param" in opts.levels:
-            rate = _update_param_rate(g, st, lay, p, opts, coeffs, rates_move)
+            rate = _update_param_rate(g, st, lay, p, opts, coeffs, gates.rates_move, corrections, i)
             kappa = torch.addcmul(kappa, rate, coeffs.param_kappa.to(g.dtype), out=_scratch("h", g))
-        _step_direction(p, g, st, opts, proceeds, kappa, "param" in opts.levels)
+        if gates.can_skip:  # a skipped step's g is poison even times 0 (NaN, or g * g = inf)
+            g = torch.where(gates.proceeds, g, gates.weights(g.dtype).zero, out=_scratch("gated_grad", g))
+        _step_direction(p, g, st, opts, gates, kappa, "param" in opts.levels, corrections, i)
+
+
+class _BiasCorrections:
+    """Adam's bias corrections of every tensor, from its own step count, made once per step
+    for all tensors (a few ops on a vector, where per-tensor scalars cost a dozen small ops
+    per tensor): for u_prev s = max(step, 1), for this step's u s = step + 1 (a parameter
+    that never stepped has m = v = 0, hence u_prev = 0); c2 = (1 - b2^s)^(-1/2) and
+    c1 = 1 / (1 - b1^s), taken in float64 as torch.optim.Adam takes them on the host (in
+    float32, 1 - 0.999**s is off by 1.3e-5: 0.999 itself rounds), then in each math dtype."""
+
+    def __init__(self, states: list, opts: GroupOptions):
+        steps = torch.stack([st["step"] for st in states]).to(torch.float64)
+        prev, new = steps.clamp(min=1), steps + 1
+        self._table = torch.stack([(1 - opts.beta2**prev).rsqrt(), 1 / (1 - opts.beta1**prev),
+                                   (1 - opts.beta2**new).rsqrt(), 1 / (1 - opts.beta1**new)])
+        self._eps = opts.eps
+        self._by_dtype = {}
+
+    def __call__(self, i: int, dtype, previous: bool) -> tuple:
+        """(c2, c1, eps) of tensor i as 0-d tensors of `dtype`."""
+        if dtype not in self._by_dtype:
+            rows = self._table.to(dtype).unbind()
+            self._by_dtype[dtype] = (rows, torch.full((), self._eps, dtype=dtype, device=self._table.device))
+        rows, eps = self._by_dtype[dtype]
+        return (rows[0][i], rows[1][i], eps) if previous else (rows[2][i], rows[3][i], eps)
+
+
+class _Gates:
+    """The level stage's gates as the elementwise pass uses them, made once per step: 0-d
+    bools for selects, and for Adam the moving averages' weights (1 - beta) * gate, per math
+    dtype. A skipped step (gate 0) leaves m, v and p as they are by arithmetic: m + 0 * (g - m)
+    is m, and kappa carries the gate, so p - kappa * u is p; its g is replaced by 0 first
+    (`can_skip`: only a guarded step can be skipped, and only then is g selected), so that
+    no NaN, and no g * g that overflows, meets those zeros."""
+
+    def __init__(self, coeffs: StepCoefficients, opts: GroupOptions, can_skip: bool):
+        self.proceeds, self.rates_move, self.can_skip = coeffs.gate > 0, coeffs.hd_gate > 0, can_skip
+        self._gate, self._opts, self._by_dtype = coeffs.gate, opts, {}
+
+    def weights(self, dtype) -> "_GateWeights":
+        if dtype not in self._by_dtype:
+            gate = self._gate.to(dtype)
+            self._by_dtype[dtype] = _GateWeights(gate, gate * (1 - self._opts.beta1), gate * (1 - self._opts.beta2),
+                                                 torch.zeros_like(gate))
+        return self._by_dtype[dtype]
+
+
+class _GateWeights(NamedTuple):
+    """_Gates' 0-d tensors in one math dtype."""
+
+    gate: torch.Tensor
+    beta1: torch.Tensor  # (1 - beta1) * gate: m's weight
+    beta2: torch.Tensor  # (1 - beta2) * gate: v's weight
+    zero: torch.Tensor
 
 
 class _Scratch:
@@ -159,51 +217,46 @@ def _effective_grad(p, grad, job: GroupJob) -> torch.Tensor:
     return g
 
 
-def _adam_direction(m, v, step, opts: GroupOptions):
-    """Adam's u = x * scale: x = m / (sqrt(v) / sqrt(1 - b2^s) + eps) (amsgrad: v is vmax),
-    scale = 1 / (1 - b1^s), s = max(step, 1) (a parameter that never stepped has m = v = 0,
-    hence u = 0, also with eps = 0: m = 0 gives m itself, not 0/0). The per-tensor scale is
-    left to the caller, who applies it to something smaller than x. The bias corrections are
-    taken in float64, as torch.optim.Adam takes them on the host: in float32, 1 - 0.999**s
-    is off by 1.3e-5 (0.999 itself rounds)."""
-    s = step.to(torch.float64).clamp(min=1)
+def _adam_direction(m, v, c2, eps_tensor, eps: float):
+    """x = m / (sqrt(v) * c2 + eps) (amsgrad: v is vmax); Adam's u is x * c1, the per-tensor
+    c1 left to the caller, who applies it to something smaller than x. m = 0 gives m
+    itself, also with eps = 0 (a parameter that never stepped: 0, not 0/0)."""
     x = torch.sqrt(v, out=_scratch("x", m))
-    torch.addcmul(torch.full((), opts.eps, dtype=m.dtype, device=m.device), x,
-                  (1 - opts.beta2**s).rsqrt().to(m.dtype), out=x)
+    torch.addcmul(eps_tensor, x, c2, out=x)
     x = torch.div(m, x, out=x)
-    if opts.eps == 0:  # only then can the division be 0/0
+    if eps == 0:  # only then can the division be 0/0
         x = torch.where(m == 0, m, x, out=x)
-    return x, (1 / (1 - opts.beta1**s)).to(m.dtype)
+    return x
 
 
-def _previous_direction(st: dict, opts: GroupOptions):
-    """u_prev as (x, scale) with u_prev = x * scale; scale None means 1."""
+def _previous_direction(st: dict, opts: GroupOptions, corrections, i: int):
+    """u_prev of tensor i as (x, scale) with u_prev = x * scale; scale None means 1."""
     if opts.kind == "adam":
-        return _adam_direction(st["exp_avg"], st["max_exp_avg_sq" if opts.amsgrad else "exp_avg_sq"], st["step"], opts)
+        m = st["exp_avg"]
+        c2, c1, eps = corrections(i, m.dtype, previous=True)
+        return _adam_direction(m, st["max_exp_avg_sq" if opts.amsgrad else "exp_avg_sq"], c2, eps, opts.eps), c1
     return st["prev_direction" if opts.stores_direction else "momentum_buffer"], None
 
 
-def _step_direction(p, g, st: dict, opts: GroupOptions, proceeds, kappa, kappa_is_scratch: bool) -> None:
+def _step_direction(p, g, st: dict, opts: GroupOptions, gates: _Gates, kappa, kappa_is_scratch: bool,
+                    corrections, i: int) -> None:
     """This step's base direction u, the new base state and p - kappa * u (after decoupled
-    decay), each computed into scratch and stored where the step `proceeds` (a 0-d bool):
-    a skipped step selects every old value back. A full-size kappa lives in scratch and
-    may be scaled in place; a per-unit one is a view of the level stage's array and must
-    not be."""
-    p_old = p if p.dtype == g.dtype else _scratch("param", g).copy_(p)
-    p_new = p_old
+    decay), in place. A skipped step changes nothing (see _Gates): Adam's state by its
+    gated weights, SGD's buffers through a select, p by kappa. A full-size kappa lives in
+    scratch and may be scaled in place; a per-unit one is a view of the level stage's
+    array and must not be."""
+    p_work = p if p.dtype == g.dtype else _scratch("param", g).copy_(p)
+    gate, w1, w2, _ = gates.weights(g.dtype)
     if opts.decoupled_weight_decay and opts.weight_decay > 0:
-        p_new = torch.addcmul(p_old, p_old, kappa, value=-opts.weight_decay, out=_scratch("new_param", g))
-    step = st["step"] + 1
-    new_state = {}
+        p_work.addcmul_(p_work, kappa, value=-opts.weight_decay)
     if opts.kind == "adam":
-        m = torch.lerp(st["exp_avg"], g, 1 - opts.beta1, out=_scratch("exp_avg", g))
-        v = torch.mul(g, g, out=_scratch("exp_avg_sq", g))
-        v = torch.lerp(st["exp_avg_sq"], v, 1 - opts.beta2, out=v)
-        new_state.update(exp_avg=m, exp_avg_sq=v)
+        m = st["exp_avg"].lerp_(g, w1)
+        v = st["exp_avg_sq"].lerp_(torch.mul(g, g, out=_scratch("exp_avg_sq", g)), w2)
         if opts.amsgrad:  # the maximum of the raw v, after this step's update (torch.optim.Adam)
-            v = new_state["max_exp_avg_sq"] = torch.maximum(st["max_exp_avg_sq"], v, out=_scratch("max_exp_avg_sq", g))
-        u, scale = _adam_direction(m, v, step, opts)
-        kappa = kappa.mul_(scale) if kappa_is_scratch else kappa * scale
+            v = torch.maximum(st["max_exp_avg_sq"], v, out=st["max_exp_avg_sq"])
+        c2, c1, eps = corrections(i, g.dtype, previous=False)
+        u = _adam_direction(m, v, c2, eps, opts.eps)
+        kappa = kappa.mul_(c1) if kappa_is_scratch else kappa * c1
     else:
         u = g
         if opts.momentum != 0:
@@ -211,26 +264,24 @@ def _step_direction(p, g, st: dict, opts: GroupOptions, proceeds, kappa, kappa_i
             first = (st["step"] == 0).to(g.dtype)
             buf = torch.mul(st["momentum_buffer"], opts.momentum, out=_scratch("momentum_buffer", g))
             buf.addcmul_(g, 1 - opts.dampening * (1 - first))
-            new_state["momentum_buffer"] = buf
-            u = torch.add(g, buf, alpha=opts.momentum, out=_scratch("x", g)) if opts.nesterov else buf
+            u = torch.where(gates.proceeds, buf, st["momentum_buffer"], out=st["momentum_buffer"])
+            if opts.nesterov:
+                u = torch.add(g, u, alpha=opts.momentum, out=_scratch("x", g))
         if opts.stores_direction:
-            new_state["prev_direction"] = u
-    p_new = torch.addcmul(p_new, u, kappa, value=-1, out=_scratch("new_param", g))
-    for key, new in new_state.items():
-        torch.where(proceeds, new, st[key], out=st[key])
-    torch.where(proceeds, step, st["step"], out=st["step"])
-    torch.where(proceeds, p_new, p_old, out=p_old)
-    if p_old is not p:  # half precision: p_old is p in float32, exactly p where the step is skipped
-        p.copy_(p_old)
+            torch.where(gates.proceeds, u, st["prev_direction"], out=st["prev_direction"])
+    p_work.addcmul_(u, kappa, value=-1)
+    st["step"].add_(gate.to(st["step"].dtype))
+    if p_work is not p:  # half precision: p_work is p in float32, exactly p where the step is skipped
+        p.copy_(p_work)
 
 
 def _update_param_rate(g, st: dict, lay, p, opts: GroupOptions, coeffs: StepCoefficients,
-                       rates_move) -> torch.Tensor:
+                       rates_move, corrections, i: int) -> torch.Tensor:
     """The param level's HD update, shrinkage and clamp for one tensor, stored where
     `rates_move` (a 0-d bool: the step proceeds and t >= 2); runs before the base state
     moves, so u_prev is still the previous direction."""
     rate = st["param_rate"]
-    x, scale = _previous_direction(st, opts)
+    x, scale = _previous_direction(st, opts, corrections, i)
     new = torch.mul(g, x, out=_scratch("h", g))  # h = g * u_prev, then the new rate in place
     if scale is not None:
         new.mul_(scale)
