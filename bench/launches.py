@@ -12,9 +12,8 @@ counts once, as it is one launch on a GPU) and the triton backend's own launch c
 from __future__ import annotations
 
 import argparse
-import re
-
 import collections
+import re
 
 import torch
 from torch.autograd import DeviceType

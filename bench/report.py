@@ -160,11 +160,11 @@ def _fmt_ratio(ratio: float | None) -> str:
 
 
 def _cpp_reduce_loop() -> str | None:
-    """Which float32 Adam reduction loop the cpp backend dispatched to on this CPU, where the
-    extension says (torch.ops.multilevel_hd.adam_reduce_isa)."""
+    """Which float32 Adam reduction loop the cpp backend dispatched to on this CPU
+    (torch.ops.multilevel_hd.adam_reduce_isa); None without the extension."""
     from multilevel_hd.backends import cpp_backend
 
-    if cpp_backend.unavailable_reason("cpu") is not None or not hasattr(torch.ops.multilevel_hd, "adam_reduce_isa"):
+    if cpp_backend.unavailable_reason("cpu") is not None:
         return None
     return torch.ops.multilevel_hd.adam_reduce_isa()
 
