@@ -117,6 +117,7 @@ class StepPlan:
         self.unit_mask(device, dtype)
         self.layer_mask(device, dtype)
         for level in ("layer", "unit"):
+            self.moves(level, device)
             self.size_scale(level, device, dtype)
             self.sizes(level, device, dtype)
         self.units_per_layer(device)
@@ -141,6 +142,18 @@ class StepPlan:
             return mask.to(device)
 
         return self.cached(("layer_mask", device, dtype), make)
+
+    def moves(self, level: str, device):
+        """Which rates of the coarse `level` a step may move (a bool mask: those of the
+        tensors that step), or None when all of them may (then no mask is applied)."""
+
+        def make():
+            if level == "layer":
+                return None if len(self.layers) == self.layout.num_layers else self.layer_mask(device, torch.bool)
+            resting = set(range(self.layout.num_layers)) - set(self.active)
+            return self.unit_mask(device, torch.bool) if any(self.layout.tensors[j].units for j in resting) else None
+
+        return None if level == "global" else self.cached(("moves", level, device), make)
 
     def sizes(self, level: str, device, dtype) -> torch.Tensor:
         """N_k[j] of `level` as a device tensor."""

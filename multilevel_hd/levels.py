@@ -22,7 +22,7 @@ import torch
 import torch.distributed
 
 from .hierarchy import StepPlan
-from .options import MAX_UNNORMALISED_WEIGHT
+from .options import MAX_UNNORMALISED_WEIGHT, is_one
 from .state import GROUP_RATE_KEYS, GroupJob, record_applied_rates
 
 COARSE_LEVELS = ("global", "layer", "unit")
@@ -71,10 +71,13 @@ _SUM_BLOCK = 4096
 
 
 def ordered_sum(x: torch.Tensor) -> torch.Tensor:
-    """x.sum() in an order that does not depend on the thread count: a long reduction is
-    split among threads, so sum fixed blocks (one row each) and then the few block sums."""
-    pad = (-x.numel()) % _SUM_BLOCK
-    return torch.nn.functional.pad(x, (0, pad)).view(-1, _SUM_BLOCK).sum(1).sum()
+    """x summed over its last dimension in an order that does not depend on the thread count:
+    a long reduction is split among threads, so sum fixed blocks (one row each) and then the
+    few block sums. The rows of a matrix are summed alike, in one pass for all of them."""
+    pad = (-x.shape[-1]) % _SUM_BLOCK
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(*x.shape[:-1], -1, _SUM_BLOCK).sum(-1).sum(-1)
 
 
 def _per_unit(level: str, values: torch.Tensor, plan: StepPlan) -> torch.Tensor:
@@ -84,41 +87,57 @@ def _per_unit(level: str, values: torch.Tensor, plan: StepPlan) -> torch.Tensor:
     return values
 
 
+def _layer_sums(plan: StepPlan, sums: UnitSums, names: tuple) -> dict:
+    """The layers' sums of the per-unit sums `names` ("s", "qg", "qu"), all in one segment
+    sum: in float64, as the compiled level stages add a layer's units (segment_reduce adds
+    them one after another, which in float32 is off by 5e-6 for a layer of 300k units;
+    .sum() would be by 5e-8)."""
+    columns = torch.stack([getattr(sums, name) for name in names], dim=1).double()
+    out = torch.segment_reduce(columns, "sum", lengths=plan.units_per_layer(columns.device))
+    return dict(zip(names, out.to(sums.s.dtype).unbind(1)))
+
+
 def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
-    """docs/algorithm.md steps 2 (the counters), 3-4 (coarse rates and weights) and the coarse part of 6."""
+    """docs/algorithm.md steps 2 (the counters), 3-4 (coarse rates and weights) and the coarse part of 6.
+
+    Every right-hand side is an old value, and the group state is written in place once all
+    of them have been read (so nothing is cloned); on a small model this stage's ATen
+    operations, not its arithmetic, are its cost, hence the stacked sums and the few writes."""
     opts, plan, gs = job.opts, job.plan, job.group_state
     device, acc = gs["weights"].device, gs["weights"].dtype
     multiplicative = opts.rule == "multiplicative"
     k_of = {level: k for k, level in enumerate(opts.levels)}
     coarse = [lv for lv in COARSE_LEVELS if lv in opts.levels]
-    layer_lengths = plan.units_per_layer(device)
-
-    def level_sum(level, per_unit):
-        if level == "unit":
-            return per_unit
-        if level == "layer":  # in float64, as the compiled level stages add a layer's units:
-            # segment_reduce adds them one after another, which in float32 is off by 5e-6
-            # for a layer of 300k units (.sum() would be by 5e-8)
-            return torch.segment_reduce(per_unit.double(), "sum", lengths=layer_lengths).to(per_unit.dtype)
-        return ordered_sum(per_unit)
-
-    old = {lv: gs[GROUP_RATE_KEYS[lv]].clone() for lv in coarse}
-    totals = _group_totals(job, sums, old, level_sum)
+    names = ("s", "qg", "qu") if multiplicative else ("s",)
+    layer = _layer_sums(plan, sums, names) if "layer" in coarse else {}
+    old = {lv: gs[GROUP_RATE_KEYS[lv]] for lv in coarse}
+    w = gs["weights"]
+    totals, skip = _group_totals(job, sums, old, layer, _local_skip(job, sums))
 
     def level_sums(level, name):  # S_k ("s"), Qg_k ("qg") or Qu_k ("qu"); all-reduced ones from totals
-        reduced = totals.get(f"{name}_{level}")
-        return reduced if reduced is not None else level_sum(level, getattr(sums, name))
+        if level == "unit":
+            return getattr(sums, name)
+        return totals.get(f"{name}_{level}", layer.get(name))
 
-    gate = (totals["bad"] == 0).to(acc)
-    gs["skipped"].add_((1 - gate).to(torch.int64))
+    if skip is None:  # nothing can skip the step
+        proceeds = torch.ones((), dtype=torch.bool, device=device)
+    else:
+        proceeds = ~skip
+        gs["skipped"].add_(skip)
+    gate = proceeds.to(acc)
     gs["step"].add_(gate)
     t = gs["step"]
-    hd_gate = gate * (t >= 2)
-    tau_t = torch.exp(-opts.hd_decay * t)
+    rates_move = proceeds & (t >= 2)
+    hd_gate = rates_move.to(acc)
     # d kappa_{t-1} / d alpha_k = lr_scale_{t-1} * tau_{t-1} * w_k: the chain rule through
-    # the rate the last step applied, LR scheduler factor included.
-    hd_prev = gs["lr_scale"] * torch.exp(-opts.hd_decay * (t - 1))
-    w = gs["weights"].clone()  # the old weights: every right-hand side uses them
+    # the rate the last step applied, LR scheduler factor included. hd_decay is an option:
+    # at 0, tau is 1 at every step and costs nothing.
+    if opts.hd_decay == 0:
+        tau_t, hd_prev = 1.0, gs["lr_scale"]
+    else:
+        tau_t = torch.exp(-opts.hd_decay * t)
+        hd_prev = gs["lr_scale"] * torch.exp(-opts.hd_decay * (t - 1))
+    w_of = {level: w[k] for level, k in k_of.items()}
 
     def size_scale(level):  # N / N_k[j], with N counted over every rank of a sharded group
         if "n" not in totals:
@@ -128,16 +147,16 @@ def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
 
     hd = {}
     for level in coarse:
-        k, beta = k_of[level], opts.hypergrad_lr[level]
-        s = level_sums(level, "s")
-        if multiplicative:
+        beta, s = opts.hypergrad_lr[level], level_sums(level, "s")
+        if multiplicative:  # alpha (1 + beta w_k cos)
             prod = level_sums(level, "qg") * level_sums(level, "qu")
             cos = torch.where(prod > 0, s / prod.sqrt(), 0.0)
-            hd[level] = old[level] * (1 + beta * w[k] * cos)
-        else:
-            sized = opts.scaling == "size" and level != "global"  # global: N / N = 1
-            scale = size_scale(level) if sized else 1.0
-            hd[level] = old[level] + (beta * hd_prev * w[k]) * scale * s
+            hd[level] = torch.addcmul(old[level], old[level], cos * w_of[level], value=beta)
+        else:  # alpha + beta hd_prev w_k (N / N_k) S
+            factor = w_of[level] * hd_prev
+            if opts.scaling == "size" and level != "global":  # global: N / N = 1
+                factor = factor * size_scale(level)
+            hd[level] = torch.addcmul(old[level], factor, s, value=beta)
 
     new = dict(hd)
     for level, rho in opts.shrinkage.items():
@@ -154,52 +173,76 @@ def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
         a_dot_s = totals["a_dot_s"]  # per level: sum_j alpha_old S_j
         if multiplicative:  # R_k = sum_e (alpha_old g)^2 and U = sum_e u_prev^2
             denom = (totals["r_sq"] * totals["qu_global"]).sqrt()
-            new_w = w * torch.where(denom > 0, 1 + opts.combination_lr * a_dot_s / denom, 1.0)
+            new_w = torch.addcmul(w, w, torch.where(denom > 0, a_dot_s / denom, 0.0), value=opts.combination_lr)
         else:
-            new_w = w + opts.combination_lr * hd_prev * a_dot_s
+            new_w = torch.addcmul(w, hd_prev, a_dot_s, value=opts.combination_lr)
         new_w = new_w.clamp(min=0, max=MAX_UNNORMALISED_WEIGHT)
         total = new_w.sum()
         new_w = torch.where(total > 0, new_w / total, 1.0 / len(opts.levels))
-        gs["weights"].copy_(torch.where(hd_gate > 0, new_w, w))
 
-    # Units and layers of tensors that do not step keep their rates (their sums are zero,
-    # but shrinkage and the clamp would still move them).
-    masks = {"global": 1.0, "layer": plan.layer_mask(device, acc), "unit": plan.unit_mask(device, acc)}
+    param_parent = None
+    if "param" in opts.shrinkage:  # finite even when a bad gradient skips the step
+        parent = opts.parents["param"]
+        param_parent = _per_unit(parent, torch.where(rates_move, hd[parent], old[parent]), plan)
+
+    # The writes. Units and layers of tensors that do not step keep their rates (their sums
+    # are zero, but shrinkage and the clamp would still move them).
     for level in coarse:
-        move = (hd_gate * masks[level]) > 0
-        gs[GROUP_RATE_KEYS[level]].copy_(torch.where(move, new[level], old[level]))
-    gs["lr_scale"].copy_(torch.where(gate > 0, opts.lr_scale, gs["lr_scale"]))
-    record_applied_rates(opts, gs, (plan.layer_mask(device, acc) * gate) > 0, tau_t, w)
+        moves = plan.moves(level, device)
+        moves = rates_move if moves is None else moves & rates_move
+        torch.where(moves, new[level], old[level], out=old[level])
+    stepped = plan.moves("layer", device)
+    record_applied_rates(opts, gs, proceeds if stepped is None else stepped & proceeds, tau_t, w)
 
-    alpha_coarse = sum(
-        (w[k_of[lv]] * _per_unit(lv, gs[GROUP_RATE_KEYS[lv]], plan) for lv in coarse),
-        torch.zeros((), dtype=acc, device=device),
-    )
-    applied = gate * opts.lr_scale  # kappa = lr_scale * (tau_t * alpha* + (1 - tau_t) * final_lr)
-    kappa_units = (applied * (tau_t * alpha_coarse + (1 - tau_t) * opts.final_lr)).expand(plan.layout.num_units)
-    coeffs = StepCoefficients(gate=gate, hd_gate=hd_gate, kappa_units=kappa_units)
+    # sum over the coarse levels of w_k alpha_k, per unit (0 with the param level alone)
+    alpha_coarse = None if coarse else torch.zeros((), dtype=acc, device=device)
+    for lv in coarse:
+        rate = _per_unit(lv, old[lv], plan)  # (now the new rates)
+        alpha_coarse = rate * w_of[lv] if alpha_coarse is None else torch.addcmul(alpha_coarse, rate, w_of[lv])
+    applied = gate if is_one(opts.lr_scale) else gate * opts.lr_scale
+    # kappa = lr_scale * (tau_t * alpha* + (1 - tau_t) * final_lr)
+    kappa = alpha_coarse if is_one(tau_t) else tau_t * alpha_coarse + (1 - tau_t) * opts.final_lr
+    coeffs = StepCoefficients(gate=gate, hd_gate=hd_gate, kappa_units=(applied * kappa).expand(plan.layout.num_units))
     if "param" in opts.levels:
-        k, beta = k_of["param"], opts.hypergrad_lr["param"]
-        coeffs.param_kappa = applied * tau_t * w[k]
+        beta, w_param = opts.hypergrad_lr["param"], w_of["param"]
+        coeffs.param_kappa = applied * w_param if is_one(tau_t) else applied * tau_t * w_param
         if multiplicative:
-            coeffs.param_hd = beta * w[k]
+            coeffs.param_hd = beta * w_param
         else:
             n = totals.get("n", plan.num_elements) if opts.scaling == "size" else 1
-            coeffs.param_hd = beta * n * hd_prev * w[k]
-        if "param" in opts.shrinkage:  # finite even when a bad gradient skips the step
-            parent = opts.parents["param"]
-            coeffs.param_parent = _per_unit(parent, torch.where(hd_gate > 0, hd[parent], old[parent]), plan)
+            coeffs.param_hd = beta * n * hd_prev * w_param
+        coeffs.param_parent = param_parent
+
+    if opts.multi_level:  # last: the weights and lr_scale (hd_prev) were read above
+        torch.where(rates_move, new_w, w, out=w)
+    if isinstance(opts.lr_scale, torch.Tensor):
+        torch.where(proceeds, opts.lr_scale, gs["lr_scale"], out=gs["lr_scale"])
+    else:  # (masked_fill_ with a tensor value reads it on the host on CUDA)
+        gs["lr_scale"].masked_fill_(proceeds, opts.lr_scale)
     return coeffs
 
 
-def _group_totals(job: GroupJob, sums: UnitSums, old: dict, level_sum) -> dict:
-    """The sums that span the tensors of the group, as 0-d (or [K]) tensors: "bad" (> 0
-    skips the step), "s_global", "qg_global", "qu_global", "a_dot_s" and "r_sq" (per level,
-    for the weights) and, for a sharded group, "n" (elements with a gradient).
+def _local_skip(job: GroupJob, sums: UnitSums) -> Optional[torch.Tensor]:
+    """0-d bool: this rank's reason to skip the step (a NaN/Inf gradient, GradScaler's
+    found_inf); None when neither guard is on."""
+    flags = []
+    if job.opts.skip_nonfinite:
+        flags.append(~sums.finite)
+    if job.found_inf is not None:
+        flags.append(job.found_inf.to(job.group_state["weights"].device) > 0)
+    return flags[0] | flags[1] if len(flags) == 2 else (flags[0] if flags else None)
+
+
+def _group_totals(job: GroupJob, sums: UnitSums, old: dict, layer: dict, skip) -> tuple:
+    """The sums that span the tensors of the group, as 0-d (or [K]) tensors: "s_global",
+    "qg_global", "qu_global", "a_dot_s" and "r_sq" (per level, for the weights) and, for a
+    sharded group, "n" (elements with a gradient); and whether to skip the step (0-d bool,
+    or None if nothing can skip it). The unit-long ones are summed in one stacked sum.
 
     With a `sharding_group` each rank holds some of the group's tensors, and these are
     the only quantities of a step that need the others' elements: one all-reduce of one
-    small vector makes every rank's rates and weights the same as an unsharded run's.
+    small vector makes every rank's rates and weights the same as an unsharded run's (and
+    every rank skips if one must: "bad" counts the ranks that would).
     When the ranks hold rows of the same tensors (`job.shards_rows`, FSDP2), the layers'
     sums "s_layer" (and "qg_layer", "qu_layer") join that vector. ("a_dot_s" and "r_sq"
     are linear in the sums, so the ranks' local terms add up to the whole group's.)
@@ -207,36 +250,38 @@ def _group_totals(job: GroupJob, sums: UnitSums, old: dict, level_sum) -> dict:
     opts, gs = job.opts, job.group_state
     device, acc = gs["weights"].device, gs["weights"].dtype
     multiplicative = opts.rule == "multiplicative"
-    bad = torch.zeros((), dtype=acc, device=device)
-    if opts.skip_nonfinite:
-        bad = bad + (~sums.finite).to(acc)
-    if job.found_inf is not None:
-        bad = bad + (job.found_inf.to(device=device, dtype=acc) > 0).to(acc)
-    totals = {"bad": bad, "s_global": ordered_sum(sums.s)}
+    names, rows = ["s_global"], [sums.s]
     if multiplicative:
-        totals["qg_global"], totals["qu_global"] = ordered_sum(sums.qg), ordered_sum(sums.qu)
+        names += ["qg_global", "qu_global"]
+        rows += [sums.qg, sums.qu]
+    if opts.multi_level:  # sum_j alpha_old S_j (and sum_j alpha_old^2 Qg_j) as sums over units
+        for level in (lv for lv in opts.levels if lv in ("global", "unit")):
+            names.append(f"a_dot_s_{level}")
+            rows.append(old[level] * sums.s)
+            if multiplicative:
+                names.append(f"r_sq_{level}")
+                rows.append(old[level].square() * sums.qg)
+    totals = dict(zip(names, ordered_sum(torch.stack(rows)).unbind()))
     if opts.multi_level:
-        a_dot_s, r_sq = [], []
-        for level in opts.levels:
-            if level == "param":
-                a_dot_s.append(sums.param_dot)
-                r_sq.append(sums.param_sq)
-            else:
-                s = totals["s_global"] if level == "global" else level_sum(level, sums.s)
-                a_dot_s.append(ordered_sum((old[level] * s).reshape(-1)))
-                if multiplicative:
-                    qg = totals["qg_global"] if level == "global" else level_sum(level, sums.qg)
-                    r_sq.append(ordered_sum((old[level] ** 2 * qg).reshape(-1)))
-        totals["a_dot_s"] = torch.stack(a_dot_s).to(acc)
+        if "layer" in opts.levels:
+            totals["a_dot_s_layer"] = ordered_sum(old["layer"] * layer["s"])
+            if multiplicative:
+                totals["r_sq_layer"] = ordered_sum(old["layer"].square() * layer["qg"])
+        if "param" in opts.levels:
+            totals["a_dot_s_param"] = sums.param_dot
+            if multiplicative:
+                totals["r_sq_param"] = sums.param_sq
+        totals["a_dot_s"] = torch.stack([totals.pop(f"a_dot_s_{lv}") for lv in opts.levels]).to(acc)
         if multiplicative:
-            totals["r_sq"] = torch.stack(r_sq).to(acc)
+            totals["r_sq"] = torch.stack([totals.pop(f"r_sq_{lv}") for lv in opts.levels]).to(acc)
     if job.sharding_group is None:
-        return totals
+        return totals, skip
     totals["n"] = torch.full((), job.plan.num_elements, dtype=acc, device=device)
+    if skip is not None:
+        totals["bad"] = skip.to(acc)
     if job.shards_rows and "layer" in opts.levels:
-        totals["s_layer"] = level_sum("layer", sums.s)
-        if multiplicative:
-            totals["qg_layer"], totals["qu_layer"] = level_sum("layer", sums.qg), level_sum("layer", sums.qu)
+        for name, value in layer.items():
+            totals[f"{name}_layer"] = value
     names = list(totals)
     flat = torch.cat([totals[name].reshape(-1) for name in names])
     torch.distributed.all_reduce(flat, group=job.sharding_group)
@@ -245,4 +290,4 @@ def _group_totals(job: GroupJob, sums: UnitSums, old: dict, level_sum) -> dict:
         size = totals[name].numel()
         out[name] = flat[offset : offset + size].reshape(totals[name].shape)
         offset += size
-    return out
+    return out, (out.pop("bad") > 0 if skip is not None else None)

@@ -97,6 +97,12 @@ class GroupOptions:
         return self.kind == "sgd" and (self.momentum == 0 or self.nesterov)
 
 
+def is_one(x) -> bool:
+    """x is the Python number 1: an option (never a tensor, whose value a branch would read
+    on the host), with which a factor of it can be left out."""
+    return not isinstance(x, torch.Tensor) and x == 1
+
+
 def _check_real(name, value):
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")

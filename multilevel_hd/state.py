@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 
 from .hierarchy import GroupLayout, StepPlan
-from .options import GroupOptions
+from .options import GroupOptions, is_one
 
 GROUP_RATE_KEYS = {"global": "rate_global", "layer": "rate_layer", "unit": "rate_unit"}
 
@@ -80,14 +80,22 @@ def record_applied_rates(opts: GroupOptions, gs: dict, stepped, tau_t, weights_u
     and the weights move at every step of its group. So the kappa its last step applied is
     `applied_offset[i] + sum over non-global levels k of applied_scale[i, k] * alpha_k`,
     where the offset holds (1 - tau) * final_lr plus the global term, all times the LR
-    scheduler's factor. `stepped` is a [tensors] bool device tensor; nothing is read on the host.
+    scheduler's factor. `stepped` is a [tensors] bool device tensor, or a 0-d one when every
+    tensor of the group steps together; nothing is read on the host. `tau_t` is a 0-d tensor,
+    or the Python number 1 (hd_decay = 0), with which the factors that are 1 and the terms
+    that are 0 cost no operation.
     """
-    scale = opts.lr_scale * tau_t * weights_used
-    offset = opts.lr_scale * (1 - tau_t) * opts.final_lr
+    factor = opts.lr_scale * tau_t
+    scale = weights_used if is_one(factor) else factor * weights_used
+    offset = None if is_one(tau_t) else opts.lr_scale * (1 - tau_t) * opts.final_lr
     if "global" in opts.levels:
-        offset = offset + scale[opts.levels.index("global")] * gs["rate_global"]
-    gs["applied_scale"].copy_(torch.where(stepped[:, None], scale, gs["applied_scale"]))
-    gs["applied_offset"].copy_(torch.where(stepped, offset, gs["applied_offset"]))
+        global_term = scale[opts.levels.index("global")] * gs["rate_global"]
+        offset = global_term if offset is None else offset + global_term
+    torch.where(stepped[..., None], scale, gs["applied_scale"], out=gs["applied_scale"])
+    if offset is None:
+        gs["applied_offset"].masked_fill_(stepped, 0.0)
+    else:
+        torch.where(stepped, offset, gs["applied_offset"], out=gs["applied_offset"])
 
 
 def new_param_state(p: torch.Tensor, opts: GroupOptions) -> dict:
