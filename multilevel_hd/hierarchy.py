@@ -120,6 +120,7 @@ class StepPlan:
             self.moves(level, device)
             self.size_scale(level, device, dtype)
             self.sizes(level, device, dtype)
+        self.zero(device, dtype)
         self.units_per_layer(device)
         self.first_units(device)
         self.layer_of_unit(device)
@@ -154,6 +155,10 @@ class StepPlan:
             return self.unit_mask(device, torch.bool) if any(self.layout.tensors[j].units for j in resting) else None
 
         return None if level == "global" else self.cached(("moves", level, device), make)
+
+    def zero(self, device, dtype) -> torch.Tensor:
+        """0 as a 0-d device tensor, for selects (`torch.where(c, x, 0.0)` makes one at every call)."""
+        return self.cached(("zero", device, dtype), lambda: torch.zeros((), dtype=dtype, device=device))
 
     def sizes(self, level: str, device, dtype) -> torch.Tensor:
         """N_k[j] of `level` as a device tensor."""

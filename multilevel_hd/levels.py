@@ -4,7 +4,7 @@ A fast step is three stages (see ARCHITECTURE in README): a reduction pass over 
 elements writes per-unit sums, this stage turns them into the new coarse rates
 (global, layer, unit) and weights, and an elementwise pass applies the step. This stage
 touches arrays of one entry per unit; here it is written with torch operations that never
-read a value on the host: the skip and "t >= 2" decisions are 0/1 device tensors, and
+read a value on the host: the skip and "t >= 2" decisions are 0-d bool device tensors, and
 updates are selected with `where` so that sums made non-finite by a bad gradient never
 leak into the state of a skipped step. The torch backend and sharded groups run it; the
 triton, cpp and cuda backends run the same math as kernels of their own
@@ -80,6 +80,13 @@ def ordered_sum(x: torch.Tensor) -> torch.Tensor:
     return x.view(*x.shape[:-1], -1, _SUM_BLOCK).sum(-1).sum(-1)
 
 
+def _ordered_sums(rows: dict) -> dict:
+    """{name: ordered_sum(row)} for rows of one length, in one pass over them all."""
+    if len(rows) == 1:
+        return {name: ordered_sum(row) for name, row in rows.items()}
+    return dict(zip(rows, ordered_sum(torch.stack(list(rows.values()))).unbind()))
+
+
 def _per_unit(level: str, values: torch.Tensor, plan: StepPlan) -> torch.Tensor:
     """A coarse level's values indexed by unit (global stays 0-d and broadcasts)."""
     if level == "layer":
@@ -112,18 +119,17 @@ def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
     layer = _layer_sums(plan, sums, names) if "layer" in coarse else {}
     old = {lv: gs[GROUP_RATE_KEYS[lv]] for lv in coarse}
     w = gs["weights"]
-    totals, skip = _group_totals(job, sums, old, layer, _local_skip(job, sums))
+    totals, proceeds = _group_totals(job, sums, old, layer, _local_gate(job, sums))
 
     def level_sums(level, name):  # S_k ("s"), Qg_k ("qg") or Qu_k ("qu"); all-reduced ones from totals
         if level == "unit":
             return getattr(sums, name)
         return totals.get(f"{name}_{level}", layer.get(name))
 
-    if skip is None:  # nothing can skip the step
+    if proceeds is None:  # nothing can skip the step
         proceeds = torch.ones((), dtype=torch.bool, device=device)
     else:
-        proceeds = ~skip
-        gs["skipped"].add_(skip)
+        gs["skipped"].add_(~proceeds)
     gate = proceeds.to(acc)
     gs["step"].add_(gate)
     t = gs["step"]
@@ -138,6 +144,7 @@ def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
         tau_t = torch.exp(-opts.hd_decay * t)
         hd_prev = gs["lr_scale"] * torch.exp(-opts.hd_decay * (t - 1))
     w_of = {level: w[k] for level, k in k_of.items()}
+    zero = plan.zero(device, acc)
 
     def size_scale(level):  # N / N_k[j], with N counted over every rank of a sharded group
         if "n" not in totals:
@@ -150,7 +157,7 @@ def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
         beta, s = opts.hypergrad_lr[level], level_sums(level, "s")
         if multiplicative:  # alpha (1 + beta w_k cos)
             prod = level_sums(level, "qg") * level_sums(level, "qu")
-            cos = torch.where(prod > 0, s / prod.sqrt(), 0.0)
+            cos = torch.where(prod > 0, s / prod.sqrt(), zero)
             hd[level] = torch.addcmul(old[level], old[level], cos * w_of[level], value=beta)
         else:  # alpha + beta hd_prev w_k (N / N_k) S
             factor = w_of[level] * hd_prev
@@ -173,7 +180,7 @@ def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
         a_dot_s = totals["a_dot_s"]  # per level: sum_j alpha_old S_j
         if multiplicative:  # R_k = sum_e (alpha_old g)^2 and U = sum_e u_prev^2
             denom = (totals["r_sq"] * totals["qu_global"]).sqrt()
-            new_w = torch.addcmul(w, w, torch.where(denom > 0, a_dot_s / denom, 0.0), value=opts.combination_lr)
+            new_w = torch.addcmul(w, w, torch.where(denom > 0, a_dot_s / denom, zero), value=opts.combination_lr)
         else:
             new_w = torch.addcmul(w, hd_prev, a_dot_s, value=opts.combination_lr)
         new_w = new_w.clamp(min=0, max=MAX_UNNORMALISED_WEIGHT)
@@ -222,21 +229,21 @@ def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
     return coeffs
 
 
-def _local_skip(job: GroupJob, sums: UnitSums) -> Optional[torch.Tensor]:
-    """0-d bool: this rank's reason to skip the step (a NaN/Inf gradient, GradScaler's
-    found_inf); None when neither guard is on."""
+def _local_gate(job: GroupJob, sums: UnitSums) -> Optional[torch.Tensor]:
+    """0-d bool: False when this rank has a reason to skip the step (a NaN/Inf gradient,
+    GradScaler's found_inf); None when neither guard is on."""
     flags = []
     if job.opts.skip_nonfinite:
-        flags.append(~sums.finite)
+        flags.append(sums.finite)
     if job.found_inf is not None:
-        flags.append(job.found_inf.to(job.group_state["weights"].device) > 0)
-    return flags[0] | flags[1] if len(flags) == 2 else (flags[0] if flags else None)
+        flags.append(~(job.found_inf.to(job.group_state["weights"].device) > 0))  # (a NaN found_inf steps)
+    return flags[0] & flags[1] if len(flags) == 2 else (flags[0] if flags else None)
 
 
-def _group_totals(job: GroupJob, sums: UnitSums, old: dict, layer: dict, skip) -> tuple:
+def _group_totals(job: GroupJob, sums: UnitSums, old: dict, layer: dict, proceeds) -> tuple:
     """The sums that span the tensors of the group, as 0-d (or [K]) tensors: "s_global",
     "qg_global", "qu_global", "a_dot_s" and "r_sq" (per level, for the weights) and, for a
-    sharded group, "n" (elements with a gradient); and whether to skip the step (0-d bool,
+    sharded group, "n" (elements with a gradient); and whether the step proceeds (0-d bool,
     or None if nothing can skip it). The unit-long ones are summed in one stacked sum.
 
     With a `sharding_group` each rank holds some of the group's tensors, and these are
@@ -250,23 +257,21 @@ def _group_totals(job: GroupJob, sums: UnitSums, old: dict, layer: dict, skip) -
     opts, gs = job.opts, job.group_state
     device, acc = gs["weights"].device, gs["weights"].dtype
     multiplicative = opts.rule == "multiplicative"
-    names, rows = ["s_global"], [sums.s]
+    rows = {"s_global": sums.s}
     if multiplicative:
-        names += ["qg_global", "qu_global"]
-        rows += [sums.qg, sums.qu]
+        rows["qg_global"], rows["qu_global"] = sums.qg, sums.qu
     if opts.multi_level:  # sum_j alpha_old S_j (and sum_j alpha_old^2 Qg_j) as sums over units
         for level in (lv for lv in opts.levels if lv in ("global", "unit")):
-            names.append(f"a_dot_s_{level}")
-            rows.append(old[level] * sums.s)
+            rows[f"a_dot_s_{level}"] = old[level] * sums.s
             if multiplicative:
-                names.append(f"r_sq_{level}")
-                rows.append(old[level].square() * sums.qg)
-    totals = dict(zip(names, ordered_sum(torch.stack(rows)).unbind()))
+                rows[f"r_sq_{level}"] = old[level].square() * sums.qg
+    totals = _ordered_sums(rows)
     if opts.multi_level:
-        if "layer" in opts.levels:
-            totals["a_dot_s_layer"] = ordered_sum(old["layer"] * layer["s"])
+        if "layer" in opts.levels:  # over the layers' sums, in one stacked sum too
+            rows = {"a_dot_s_layer": old["layer"] * layer["s"]}
             if multiplicative:
-                totals["r_sq_layer"] = ordered_sum(old["layer"].square() * layer["qg"])
+                rows["r_sq_layer"] = old["layer"].square() * layer["qg"]
+            totals.update(_ordered_sums(rows))
         if "param" in opts.levels:
             totals["a_dot_s_param"] = sums.param_dot
             if multiplicative:
@@ -275,10 +280,10 @@ def _group_totals(job: GroupJob, sums: UnitSums, old: dict, layer: dict, skip) -
         if multiplicative:
             totals["r_sq"] = torch.stack([totals.pop(f"r_sq_{lv}") for lv in opts.levels]).to(acc)
     if job.sharding_group is None:
-        return totals, skip
+        return totals, proceeds
     totals["n"] = torch.full((), job.plan.num_elements, dtype=acc, device=device)
-    if skip is not None:
-        totals["bad"] = skip.to(acc)
+    if proceeds is not None:
+        totals["bad"] = (~proceeds).to(acc)
     if job.shards_rows and "layer" in opts.levels:
         for name, value in layer.items():
             totals[f"{name}_layer"] = value
@@ -290,4 +295,4 @@ def _group_totals(job: GroupJob, sums: UnitSums, old: dict, layer: dict, skip) -
         size = totals[name].numel()
         out[name] = flat[offset : offset + size].reshape(totals[name].shape)
         offset += size
-    return out, (out.pop("bad") > 0 if skip is not None else None)
+    return out, (out.pop("bad") == 0 if proceeds is not None else None)
