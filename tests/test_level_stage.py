@@ -386,3 +386,27 @@ def test_triton_sharded_group_steps_with_the_torch_backend(monkeypatch):
     with pytest.warns(UserWarning, match="sharded"):
         opt.step()
     assert calls == ["fake"] and triton_backend.launches_last_step == 0
+
+
+# ATen operations one call of the torch stage dispatches, at most (before this budget: 144,
+# 105, 165 and 133): on small models the stage's cost is its count of small operations
+STAGE_OPS = {
+    (("global", "unit"), "multiplicative"): 64,  # the default
+    (("global", "unit"), "additive"): 45,
+    (("global", "layer", "param"), "multiplicative"): 79,
+    (("global", "layer", "unit"), "additive"): 63,
+}
+
+
+@pytest.mark.parametrize("levels,rule", STAGE_OPS, ids=lambda v: "+".join(v) if isinstance(v, tuple) else v)
+def test_torch_stage_operations(levels, rule):
+    """Within its budget, and as many for 40 tensors as for 4 (a test of 0.1 s)."""
+    from bench.launches import count_dispatched_ops
+
+    opts = _options(levels, hypergrad_rule=rule)
+    counts = []
+    for tensors in (4, 40):
+        job, sums = _inputs(opts, (((8, 3),) * tensors, tuple(range(tensors))), dtype=torch.float32)
+        job.plan.prepare(DEVICE, torch.float32)  # as the optimizer does when it makes the plan
+        counts.append(sum(count_dispatched_ops(lambda: update_levels(job, sums)).values()))
+    assert counts[0] == counts[1] <= STAGE_OPS[levels, rule], counts
