@@ -113,7 +113,6 @@ def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
     opts, plan, gs = job.opts, job.plan, job.group_state
     device, acc = gs["weights"].device, gs["weights"].dtype
     multiplicative = opts.rule == "multiplicative"
-    k_of = {level: k for k, level in enumerate(opts.levels)}
     coarse = [lv for lv in COARSE_LEVELS if lv in opts.levels]
     names = ("s", "qg", "qu") if multiplicative else ("s",)
     layer = _layer_sums(plan, sums, names) if "layer" in coarse else {}
@@ -143,7 +142,7 @@ def update_levels(job: GroupJob, sums: UnitSums) -> StepCoefficients:
     else:
         tau_t = torch.exp(-opts.hd_decay * t)
         hd_prev = gs["lr_scale"] * torch.exp(-opts.hd_decay * (t - 1))
-    w_of = {level: w[k] for level, k in k_of.items()}
+    w_of = dict(zip(opts.levels, w.unbind()))
     zero = plan.zero(device, acc)
 
     def size_scale(level):  # N / N_k[j], with N counted over every rank of a sharded group
@@ -260,13 +259,16 @@ def _group_totals(job: GroupJob, sums: UnitSums, old: dict, layer: dict, proceed
     rows = {"s_global": sums.s}
     if multiplicative:
         rows["qg_global"], rows["qu_global"] = sums.qg, sums.qu
-    if opts.multi_level:  # sum_j alpha_old S_j (and sum_j alpha_old^2 Qg_j) as sums over units
-        for level in (lv for lv in opts.levels if lv in ("global", "unit")):
-            rows[f"a_dot_s_{level}"] = old[level] * sums.s
-            if multiplicative:
-                rows[f"r_sq_{level}"] = old[level].square() * sums.qg
+    if opts.multi_level and "unit" in opts.levels:  # sum_j alpha_old S_j (and sum_j alpha_old^2 Qg_j)
+        rows["a_dot_s_unit"] = old["unit"] * sums.s
+        if multiplicative:
+            rows["r_sq_unit"] = old["unit"].square() * sums.qg
     totals = _ordered_sums(rows)
     if opts.multi_level:
+        if "global" in opts.levels:
+            totals["a_dot_s_global"] = old["global"] * totals["s_global"]
+            if multiplicative:
+                totals["r_sq_global"] = old["global"].square() * totals["qg_global"]
         if "layer" in opts.levels:  # over the layers' sums, in one stacked sum too
             rows = {"a_dot_s_layer": old["layer"] * layer["s"]}
             if multiplicative:
