@@ -74,6 +74,8 @@ def ordered_sum(x: torch.Tensor) -> torch.Tensor:
     """x summed over its last dimension in an order that does not depend on the thread count:
     a long reduction is split among threads, so sum fixed blocks (one row each) and then the
     few block sums. The rows of a matrix are summed alike, in one pass for all of them."""
+    if x.shape[-1] <= _SUM_BLOCK:  # one block, which no thread count splits
+        return x.sum(-1)
     pad = (-x.shape[-1]) % _SUM_BLOCK
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))

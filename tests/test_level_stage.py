@@ -388,13 +388,14 @@ def test_triton_sharded_group_steps_with_the_torch_backend(monkeypatch):
     assert calls == ["fake"] and triton_backend.launches_last_step == 0
 
 
-# ATen operations one call of the torch stage dispatches, at most (before this budget: 144,
-# 105, 165 and 133): on small models the stage's cost is its count of small operations
+# ATen operations one call of the torch stage dispatches, at most, for groups of up to 4,096
+# units (3 more above: ordered_sum's blocks; before this budget: 144, 105, 165 and 133): on
+# small models the stage's cost is its count of small operations
 STAGE_OPS = {
-    (("global", "unit"), "multiplicative"): 63,  # the default
-    (("global", "unit"), "additive"): 44,
-    (("global", "layer", "param"), "multiplicative"): 77,
-    (("global", "layer", "unit"), "additive"): 61,
+    (("global", "unit"), "multiplicative"): 60,  # the default
+    (("global", "unit"), "additive"): 41,
+    (("global", "layer", "param"), "multiplicative"): 71,
+    (("global", "layer", "unit"), "additive"): 55,
 }
 
 
