@@ -59,6 +59,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         self._plans: list = []
         self._options: list = []  # per group: (option key, GroupOptions, state keys) of the last step
         self._backends: list = []  # per group: the backend module of the last step
+        self._fresh: list = []  # per group: the parameters without state that this step's check found
         self._state_levels: list = []  # per group: the levels its state was made for (None: no state yet)
         self._row_shardings: list = []  # per group: fsdp.RowSharding of DTensor parameters, else None
         # what `_option_key` compares: every option but lr, and the scheduler's base lr. Not
@@ -85,6 +86,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         groups = len(self.param_groups)
         self._plans, self._options, self._backends = [None] * groups, [None] * groups, [None] * groups
+        self._fresh = [[] for _ in range(groups)]
         # (process groups are not copied: found again from the parameters)
         self._row_shardings = [fsdp.row_sharding(g["params"], i) for i, g in enumerate(self.param_groups)]
 
@@ -119,6 +121,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         self._plans.append(None)
         self._options.append(None)
         self._backends.append(None)
+        self._fresh.append([])
         # Resolve (import, load) the backend now, outside any torch.compile'd step: after
         # this, finding it is a dictionary read that Dynamo traces (importlib is not).
         # A backend that cannot run raises at step(), as before.
@@ -189,12 +192,18 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                 f"param group {index}'s levels cannot change after its first step: its state is for "
                 f"{state_levels}, the group now says {opts.levels}"
             )
-        keys = self._options[index][2]
-        if not checked and any((st := self.state.get(params[j])) and st.keys() != keys for j in active):
-            raise ValueError(
-                f"the state of param group {index} does not fit its options: momentum cannot become or "
-                "stop being 0, nor nesterov or amsgrad change, after a parameter's first step"
-            )
+        if not checked:  # one look at each state; making the missing ones (below) reads only `fresh`
+            keys, fresh = self._options[index][2], []
+            for j in active:
+                st = self.state.get(params[j])
+                if not st:
+                    fresh.append(j)
+                elif st.keys() != keys:
+                    raise ValueError(
+                        f"the state of param group {index} does not fit its options: momentum cannot become or "
+                        "stop being 0, nor nesterov or amsgrad change, after a parameter's first step"
+                    )
+            self._fresh[index] = fresh
         if check_only:
             return active
         self._backends[index] = backends.get(backend)
@@ -210,10 +219,9 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         if plan is None or (plan.active, plan.layers) != (walked, active):
             plan = self._plans[index] = StepPlan(self._layouts[index], walked, active)
             plan.prepare(device, group_state["weights"].dtype)
-        for j in active:
-            p = params[j]
-            if not self.state[p]:
-                self.state[p] = new_param_state(p, opts)
+        fresh, self._fresh[index] = self._fresh[index], []  # (taken: a state is never made twice)
+        for j in fresh:
+            self.state[params[j]] = new_param_state(params[j], opts)
         if opts.maximize:  # one sign per math dtype, not per tensor
             for dtype in dict.fromkeys(compute_dtype(params[j].dtype) for j in active):
                 sign_tensor(plan, -1.0, device, dtype)
