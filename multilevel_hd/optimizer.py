@@ -57,8 +57,9 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         self.group_states: list = []  # per group: None until its first step, then a dict
         self._layouts: list[GroupLayout] = []
         self._plans: list = []
-        self._options: list = []  # per group: (option key, GroupOptions) of the last step
+        self._options: list = []  # per group: (option key, GroupOptions, state keys) of the last step
         self._backends: list = []  # per group: the backend module of the last step
+        self._fresh: list = []  # per group: the parameters without state that this step's check found
         self._state_levels: list = []  # per group: the levels its state was made for (None: no state yet)
         self._row_shardings: list = []  # per group: fsdp.RowSharding of DTensor parameters, else None
         # what `_option_key` compares: every option but lr, and the scheduler's base lr. Not
@@ -85,6 +86,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         groups = len(self.param_groups)
         self._plans, self._options, self._backends = [None] * groups, [None] * groups, [None] * groups
+        self._fresh = [[] for _ in range(groups)]
         # (process groups are not copied: found again from the parameters)
         self._row_shardings = [fsdp.row_sharding(g["params"], i) for i, g in enumerate(self.param_groups)]
 
@@ -119,6 +121,7 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         self._plans.append(None)
         self._options.append(None)
         self._backends.append(None)
+        self._fresh.append([])
         # Resolve (import, load) the backend now, outside any torch.compile'd step: after
         # this, finding it is a dictionary read that Dynamo traces (importlib is not).
         # A backend that cannot run raises at step(), as before.
@@ -153,7 +156,8 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
     def _init_group(self, group: dict, index: int, check_only: bool = False, checked: tuple | None = None) -> tuple:
         """Everything host-side of a group's step: checks, options, plan, state, backend.
         Every check comes before anything changes; `check_only` stops there. `checked`: what
-        a `check_only` call of this step returned, whose checks need not run again.
+        a `check_only` call of this step returned, whose checks need not run again (nor the
+        options be resolved again: that call left them in `_options`).
 
         Returns the indices (in group order) of the parameters that step: those with a
         gradient and at least one element. Under torch.compile Dynamo runs this method
@@ -179,7 +183,8 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                     f"all parameters of a param group must be on one device (level sums span "
                     f"the group); found {device} and {p.device}"
                 )
-        opts = self._group_options(index, group, device)
+        # (the check pass of this step resolved them)
+        opts = self._options[index][1] if checked else self._group_options(index, group, device)
         backend = _backend_name(group, device)
         state_levels = self._state_levels[index]
         if state_levels is not None and state_levels != opts.levels:
@@ -187,12 +192,18 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
                 f"param group {index}'s levels cannot change after its first step: its state is for "
                 f"{state_levels}, the group now says {opts.levels}"
             )
-        keys = expected_param_keys(opts)
-        if not checked and any((st := self.state.get(params[j])) and st.keys() != keys for j in active):
-            raise ValueError(
-                f"the state of param group {index} does not fit its options: momentum cannot become or "
-                "stop being 0, nor nesterov or amsgrad change, after a parameter's first step"
-            )
+        if not checked:  # one look at each state; making the missing ones (below) reads only `fresh`
+            keys, fresh = self._options[index][2], []
+            for j in active:
+                st = self.state.get(params[j])
+                if not st:
+                    fresh.append(j)
+                elif st.keys() != keys:
+                    raise ValueError(
+                        f"the state of param group {index} does not fit its options: momentum cannot become or "
+                        "stop being 0, nor nesterov or amsgrad change, after a parameter's first step"
+                    )
+            self._fresh[index] = fresh
         if check_only:
             return active
         self._backends[index] = backends.get(backend)
@@ -208,38 +219,40 @@ class _MultiLevelOptimizer(torch.optim.Optimizer):
         if plan is None or (plan.active, plan.layers) != (walked, active):
             plan = self._plans[index] = StepPlan(self._layouts[index], walked, active)
             plan.prepare(device, group_state["weights"].dtype)
-        for j in active:
-            p = params[j]
-            if not self.state[p]:
-                self.state[p] = new_param_state(p, opts)
-        if opts.maximize:
-            for j in active:
-                sign_tensor(plan, -1.0, device, compute_dtype(params[j].dtype))
+        fresh, self._fresh[index] = self._fresh[index], []  # (taken: a state is never made twice)
+        for j in fresh:
+            self.state[params[j]] = new_param_state(params[j], opts)
+        if opts.maximize:  # one sign per math dtype, not per tensor
+            for dtype in dict.fromkeys(compute_dtype(params[j].dtype) for j in active):
+                sign_tensor(plan, -1.0, device, dtype)
         return active
 
     def _group_options(self, index: int, group: dict, device):
         """The group's resolved options, resolved again only when an option changed (an LR
-        scheduler changing only `lr` costs a copy with the new `lr_scale`)."""
+        scheduler changing only `lr` costs a copy with the new `lr_scale`). Cached beside them,
+        made once per resolution: the keys of a parameter's state under them (what a step
+        checks the states against)."""
         key = _option_key(group, self._option_names)
         cached = self._options[index]
         if cached is None or cached[0] != key:
-            cached = self._options[index] = (key, _resolve(group, self._kind))
+            opts = _resolve(group, self._kind)
+            cached = self._options[index] = (key, opts, expected_param_keys(opts))
         opts = cached[1]
         if isinstance(group["lr"], torch.Tensor):  # its value never comes to the host
             scale = _lr_scale_tensor(group["lr"], opts.lr, device, group_dtype(group["params"]))
             opts = dataclasses.replace(opts, lr_scale=scale)
-            self._options[index] = (key, opts)
+            self._options[index] = (key, opts, cached[2])
             return opts
         check_nonnegative("lr", group["lr"])
         scale = lr_scale(group["lr"], opts.lr)
         if scale != opts.lr_scale:
             opts = dataclasses.replace(opts, lr_scale=float(scale))
-            self._options[index] = (key, opts)
+            self._options[index] = (key, opts, cached[2])
         return opts
 
     def _job(self, index: int, group: dict) -> GroupJob:
         """What a backend needs for this group's step (the traced part under torch.compile)."""
-        key, opts = self._options[index]
+        key, opts, _ = self._options[index]
         if torch.compiler.is_compiling():
             # `_init_group` ran only while Dynamo traced, so a later call must not find the
             # options it resolved stale: comparing them here makes Dynamo guard on every

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import multilevel_hd as mlhd
 from cases import ALL_LEVELS
-from conftest import ALL_BACKENDS, FAST_BACKENDS, is_slow, shapes_for
+from conftest import ALL_BACKENDS, DEVICE, FAST_BACKENDS, is_slow, shapes_for
 from multilevel_hd import backends
 from trajectory import (TOL_F64, GradFn, assert_bitwise_equal_snapshots, assert_trajectories_close, make_params,
                         params_snapshot, run_optimizer)
@@ -387,6 +387,32 @@ def test_state_dict_of_another_torch_optim_optimizer_raises(cls, twin_cls):
     opt = cls(_params())
     with pytest.raises(ValueError, match="state dict is from a"):
         opt.load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dropped_state_starts_afresh_as_torch_optim(backend):
+    """A parameter whose state is removed between steps (`opt.state.pop(p)`) starts again from a
+    fresh state at its next step while the others continue, as torch.optim.Adam does
+    (hypergrad_lr=0: exactly Adam). step() makes only the states its checks found missing."""
+    device = "cpu" if backend == "reference" else DEVICE
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(4, 3, generator=gen, dtype=torch.float64).to(device)),
+          torch.nn.Parameter(torch.randn(5, generator=gen, dtype=torch.float64).to(device))]
+    twin_ps = copy.deepcopy(ps)
+    opt = mlhd.MultiLevelAdam(ps, lr=0.01, hypergrad_lr=0.0, backend=backend)
+    twin = torch.optim.Adam(twin_ps, lr=0.01)
+    for step in range(4):
+        if step == 2:
+            opt.state.pop(ps[0])
+            twin.state.pop(twin_ps[0])
+        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(device) for p in ps]
+        for o, params in ((opt, ps), (twin, twin_ps)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            o.step()
+    assert [opt.state[p]["step"].item() for p in ps] == [2.0, 4.0]
+    for p, q in zip(ps, twin_ps):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -131,8 +131,8 @@ def level_stage(job: GroupJob, sums: UnitSums, ops=torch.ops.multilevel_hd) -> S
         lr_scale = torch.full((), lr_scale, dtype=acc, device=device)
     found_inf = None if job.found_inf is None else job.found_inf.to(device=device, dtype=acc)
     param_sums = "param" in opts.levels and opts.multi_level
-    units = plan.layout.num_units
-    coef = torch.empty(_COEF_SCALARS + 2 * units, dtype=acc, device=device)
+    coef, gate, hd_gate, kappa_units, param_kappa, param_hd, parent_units, parent_global = plan.cached(
+        ("levels_coef", device, acc), lambda: _coefficient_views(plan.layout.num_units, acc, device))
     ops.levels(
         sums.s, sums.qg, sums.qu, sums.param_dot if param_sums else None, sums.param_sq if param_sums else None,
         sums.finite if opts.skip_nonfinite else None, found_inf, lr_scale, plan.first_units(device),
@@ -144,14 +144,35 @@ def level_stage(job: GroupJob, sums: UnitSums, ops=torch.ops.multilevel_hd) -> S
         [float(opts.shrinkage.get(lv, 0.0)) for lv in LEVELS], opts.combination_lr, opts.hd_decay, opts.final_lr,
         -math.inf if lo is None else lo, math.inf if hi is None else hi, multiplicative, opts.scaling == "size",
     )
-    coeffs = StepCoefficients(gate=coef[_GATE], hd_gate=coef[_HD_GATE],
-                              kappa_units=coef[_COEF_SCALARS : _COEF_SCALARS + units])
+    coeffs = StepCoefficients(gate=gate, hd_gate=hd_gate, kappa_units=kappa_units)
     if "param" in opts.levels:
-        coeffs.param_kappa, coeffs.param_hd = coef[_PARAM_KAPPA], coef[_PARAM_HD]
+        coeffs.param_kappa, coeffs.param_hd = param_kappa, param_hd
         if "param" in opts.shrinkage:  # (a global parent: one value, 0-d as the torch stage gives it)
-            parent = coef[_COEF_SCALARS + units :]
-            coeffs.param_parent = parent[0] if opts.parents["param"] == "global" else parent
+            coeffs.param_parent = parent_global if opts.parents["param"] == "global" else parent_units
     return coeffs
+
+
+def _coefficient_views(units: int, dtype, device) -> tuple:
+    """The levels op's coefficient buffer, made once per plan (every step's op writes what that
+    step's apply reads), and the views of its fields: each view is an op call, which after
+    the passes over the parameters costs tens of microseconds with cold caches."""
+    coef = torch.empty(_COEF_SCALARS + 2 * units, dtype=dtype, device=device)
+    parent_units = coef[_COEF_SCALARS + units :]
+    return (coef, coef[_GATE], coef[_HD_GATE], coef[_COEF_SCALARS : _COEF_SCALARS + units], coef[_PARAM_KAPPA],
+            coef[_PARAM_HD], parent_units, parent_units[0])
+
+
+def _sum_views(rows: int, units: int, dtype, device) -> tuple:
+    """The reduce op's outputs in one buffer made once per plan, which a step zeroes in one
+    call, and the views the level stage reads (views cost op calls: `_coefficient_views`):
+    the buffer; unit sums [rows, units] and totals [3] (the op's outputs); the rows s, qg, qu
+    (qg, qu None for one row); the totals param dot, param sq, non-finite; and the 0-d bool
+    that `finite` is written into."""
+    buffer = torch.zeros(rows * units + 3, dtype=dtype, device=device)
+    unit_sums, totals = buffer[: rows * units].view(rows, units), buffer[rows * units :]
+    row_views = (unit_sums[0], unit_sums[1], unit_sums[2]) if rows == 3 else (unit_sums[0], None, None)
+    return (buffer, unit_sums, totals, row_views, (totals[0], totals[1], totals[2]),
+            torch.ones((), dtype=torch.bool, device=device))
 
 
 def step(job: GroupJob) -> None:
@@ -188,8 +209,10 @@ def run_step(job: GroupJob, ops, geometry: str) -> None:
     # the raw gradient by it as they read it
     factors = {dtype: job.grad_factor(dtype) for dtype in dict.fromkeys(b.math for b in buckets)}
 
-    unit_sums = torch.zeros(3 if multiplicative else 1, plan.layout.num_units, dtype=acc, device=device)
-    totals = torch.zeros(3, dtype=acc, device=device)
+    rows = 3 if multiplicative else 1
+    sum_buffer, unit_sums, totals, (s, qg, qu), (param_dot, param_sq, nonfinite), finite = plan.cached(
+        ("reduce_sums", device, acc, rows), lambda: _sum_views(rows, plan.layout.num_units, acc, device))
+    sum_buffer.zero_()
     if hypergrad_sums or opts.skip_nonfinite:
         for b, args in zip(buckets, lists):
             # a float32 bucket of a float64 group sums in float32 into its own buffers
@@ -202,13 +225,11 @@ def run_step(job: GroupJob, ops, geometry: str) -> None:
             if own:
                 unit_sums += b_sums
                 totals += b_totals
-    sums = UnitSums(s=unit_sums[0])
-    if multiplicative:
-        sums.qg, sums.qu = unit_sums[1], unit_sums[2]
+    sums = UnitSums(s=s, qg=qg, qu=qu)
     if param_level and opts.multi_level:
-        sums.param_dot, sums.param_sq = totals[0], totals[1]
+        sums.param_dot, sums.param_sq = param_dot, param_sq
     if opts.skip_nonfinite:
-        sums.finite = totals[2] == 0
+        sums.finite = torch.eq(nonfinite, 0, out=finite)
 
     # a sharded group all-reduces its totals midway through the stage (levels._group_totals)
     c = update_levels(job, sums) if job.sharding_group is not None else level_stage(job, sums, ops)
