@@ -11,15 +11,17 @@ Two paths compute the same math:
   param level, outside torch.compile and unsharded: torch._foreach_* operations over all
   tensors, and single operations over flat buffers that hold every tensor's g, and u_prev
   or Adam's denominators, side by side (made once per plan). The buffers are ordered by row
-  length, so the row sums of all tensors take one sum per distinct row length. The ATen
+  length, so the row sums of all tensors take one sum per distinct row length. Adam's
+  moments and direction come from ATen's fused Adam kernel (`_adam_apply`). The ATen
   operations a step dispatches do not grow with the number of tensors
   (tests/test_torch_backend_ops.py). A skipped step (NaN/Inf gradient, GradScaler's
-  found_inf) runs with g = 0, where every update is the identity (kappa = 0, moments scaled
-  by 1 plus 0, stored directions lerped with weight 0), so nothing is selected per state
-  tensor and nothing is read on the host; every tensor stays the same up to the sign of a
-  zero (-0.0 + +0.0 is +0.0).
+  found_inf) is the kernel's found_inf for Adam; for SGD it runs with g = 0, where every
+  update is the identity (kappa = 0, buffers scaled by 1 plus 0, stored directions lerped
+  with weight 0), so nothing is selected per state tensor and nothing is read on the host;
+  every tensor stays the same up to the sign of a zero (-0.0 + +0.0 is +0.0).
 * `_step_per_tensor`, for everything else (sharded groups, half or mixed precision, the
-  param level, Adam with eps = 0, and under torch.compile, where Inductor fuses either path
+  param level, Adam with eps = 0 or with moments of a tensor in different layouts, and
+  under torch.compile, where Inductor fuses either path
   and this one needs no per-plan buffers): a loop over tensors whose every operation is an
   in-place or fused one (lerp_, addcmul_, out=), with its few temporaries in reusable
   scratch buffers and Adam's bias corrections made once per step for all tensors. A
@@ -316,7 +318,29 @@ def _foreach_applies(job: GroupJob) -> bool:
             and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
             and len({t.device for t in job.params}) == 1
             and "param" not in opts.levels
-            and not (opts.kind == "adam" and opts.eps == 0))
+            and not (opts.kind == "adam" and (opts.eps == 0 or not _moments_share_a_dense_layout(job))))
+
+
+def _moments_share_a_dense_layout(job: GroupJob) -> bool:
+    """Whether each tensor's Adam moments (m, v, vmax) have one set of strides that covers
+    their storage without gaps or overlaps: ATen's fused Adam kernel walks them in storage
+    order (`_adam_apply`), with g and the scratch given in the same order."""
+    keys = ("exp_avg_sq", "max_exp_avg_sq") if job.opts.amsgrad else ("exp_avg_sq",)
+    for st in job.states:
+        m = st["exp_avg"]
+        if any(st[k].stride() != m.stride() for k in keys) or not (m.is_contiguous() or _is_dense(m)):
+            return False
+    return True
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill its storage span exactly once (any order of dimensions)."""
+    expected = 1
+    for size, stride in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 class _FlatLayout:
@@ -459,48 +483,88 @@ def _step_foreach(job: GroupJob) -> None:
         sums.finite = torch.stack(torch.aminmax(g_flat)).isfinite().all()
 
     coeffs = update_levels(job, sums)
-    proceeds = coeffs.gate > 0
     gate = coeffs.gate.to(dtype)
-    # A skipped step sees g = 0: then every update below is exactly the identity (kappa is
-    # 0, a moment is scaled by 1 and gets 0 added), without a select on the state. With the
-    # guard a step that proceeds has finite g, so g * gate with NaN (0 * inf) made 0 is that
-    # select, in two vectorised passes that cost 0.6 of one `where` with a 0-d condition.
+    torch._foreach_add_(steps, gate)
+    kappa = _unit_views(job, "kappa", coeffs.kappa_units)
+    if opts.decoupled_weight_decay and opts.weight_decay > 0:
+        torch._foreach_addcmul_(params, params, kappa, value=-opts.weight_decay)
+    if opts.kind == "adam":
+        _adam_apply(job, x_flat, x, g, kappa, coeffs.gate)
+    else:
+        _sgd_apply(job, g_flat, g, kappa, coeffs.gate, step_counts)
+
+
+def _adam_apply(job: GroupJob, scratch_flat: torch.Tensor, scratch: list, g: list, kappa: list,
+                gate: torch.Tensor) -> None:
+    """m, v (and vmax) moved and p - kappa * u, in two passes: ATen's fused Adam kernel
+    (torch._fused_adam_, the one torch.optim.Adam(fused=True) runs) moves the moments and
+    writes -u into a zeroed scratch "parameter" (lr 1, no decay, no maximize: g already
+    holds those), reading the step counts already advanced; then p += kappa * scratch. A
+    skipped step passes found_inf = 1, on which the kernel returns before it reads
+    anything (g may hold NaN), so the moments stay bit-identical; the scratch stays 0 and
+    kappa is 0."""
+    opts = job.opts
+    scratch_flat.zero_()
+    scratch, g = _adam_kernel_operands(job, scratch, g)
+    torch._fused_adam_(scratch, g, _state_list(job, "exp_avg"), _state_list(job, "exp_avg_sq"),
+                       _state_list(job, "max_exp_avg_sq") if opts.amsgrad else [], _state_list(job, "step"),
+                       lr=1.0, beta1=opts.beta1, beta2=opts.beta2, weight_decay=0.0, eps=opts.eps,
+                       amsgrad=opts.amsgrad, maximize=False, found_inf=(1 - gate).to(torch.float32))
+    torch._foreach_addcmul_(job.params, scratch, kappa)
+
+
+def _adam_kernel_operands(job: GroupJob, scratch: list, g: list) -> tuple[list, list]:
+    """The scratch and g as the fused Adam kernel must get them: with the moments' strides
+    (it walks all its operands in storage order). Where the moments are contiguous those
+    are the flat buffers' views; for a tensor whose moments are not (channels_last,
+    transposed) the scratch is its own flat chunk viewed with the moments' strides, and g
+    is copied into such a view of a second buffer. The views are made once per layout."""
+    moments = _state_list(job, "exp_avg")
+    odd = [i for i, m in enumerate(moments) if not m.is_contiguous()]
+    if not odd:
+        return scratch, g
+    layout = tuple((i, moments[i].stride()) for i in odd)
+
+    def make():
+        _, strided_g = _flat_views(job, "strided_grad")
+        views = {i: (scratch[i].as_strided(scratch[i].shape, stride), strided_g[i].as_strided(g[i].shape, stride))
+                 for i, stride in layout}
+        kernel_scratch = [views[i][0] if i in views else t for i, t in enumerate(scratch)]
+        kernel_g = [views[i][1] if i in views else t for i, t in enumerate(g)]
+        return kernel_scratch, kernel_g, [views[i][1] for i in odd], [g[i] for i in odd]
+
+    key = ("adam_kernel_operands", layout, g[0].device, g[0].dtype)
+    kernel_scratch, kernel_g, targets, sources = job.plan.cached(key, make)
+    torch._foreach_copy_(targets, sources)
+    return kernel_scratch, kernel_g
+
+
+def _sgd_apply(job: GroupJob, g_flat: torch.Tensor, g: list, kappa: list, gate: torch.Tensor,
+               step_counts: torch.Tensor) -> None:
+    """The momentum buffer, the stored direction and p - kappa * u. A skipped step sees
+    g = 0: then every update below is exactly the identity (kappa is 0, a buffer is scaled
+    by 1 and gets 0 added, a stored direction is lerped with weight 0), without a select on
+    the state. With the guard a step that proceeds has finite g, so g * gate with NaN
+    (0 * inf) made 0 is that select, in two vectorised passes that cost 0.6 of one `where`
+    with a 0-d condition."""
+    opts, dtype = job.opts, g_flat.dtype
+    proceeds = gate > 0
+    gate = gate.to(dtype)
     if opts.skip_nonfinite:
         g_flat.mul_(gate).nan_to_num_(0.0, 0.0, 0.0)
     elif job.found_inf is not None:  # no guard: NaN in a step that proceeds must reach p
         g_flat.masked_fill_(~proceeds, 0)
-
-    torch._foreach_add_(steps, gate)
-    if opts.kind == "adam":
-        exp_avgs, exp_avg_sqs = _state_list(job, "exp_avg"), _state_list(job, "exp_avg_sq")
-        torch._foreach_lerp_(exp_avgs, g, [(1 - opts.beta1) * gate] * len(g))
-        torch._foreach_mul_(exp_avg_sqs, torch.full_like(gate, opts.beta2).where(proceeds, 1.0))
-        torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1 - opts.beta2)
-        if opts.amsgrad:  # the maximum of the raw v, after this step's update (torch.optim.Adam)
-            torch._foreach_maximum_(_state_list(job, "max_exp_avg_sq"), exp_avg_sqs)
-            exp_avg_sqs = _state_list(job, "max_exp_avg_sq")
-        _, denom, scale = _adam_denominators(job, exp_avg_sqs, step_counts + gate)
-    else:
-        u = g
-        if opts.momentum != 0:
-            # buf = g at the parameter's first step: buf is still zero then, so only g's factor changes
-            bufs = _state_list(job, "momentum_buffer")
-            torch._foreach_mul_(bufs, torch.full_like(gate, opts.momentum).where(proceeds, 1.0))
-            torch._foreach_addcmul_(bufs, g, torch.unbind(1 - opts.dampening * (step_counts != 0).to(dtype)))
-            u = bufs
-            if opts.nesterov:
-                _, u = _flat_views(job, "direction")
-                torch._foreach_copy_(u, g)
-                torch._foreach_add_(u, bufs, alpha=opts.momentum)
-        if opts.stores_direction:  # weight 1 gives u exactly, weight 0 the old direction
-            torch._foreach_lerp_(_state_list(job, "prev_direction"), u, [gate] * len(u))
-    kappa = coeffs.kappa_units
-    if opts.decoupled_weight_decay and opts.weight_decay > 0:
-        torch._foreach_addcmul_(params, params, _unit_views(job, "kappa", kappa), value=-opts.weight_decay)
-    if opts.kind == "adam":  # p - kappa * m / denom as p - m / (denom * (1 / kappa)): no copy
-        # of m, no division per element (kappa = 0, a skipped step, makes the update m / inf = 0)
-        inverse = (kappa * scale[flat.tensor_of_unit]).reciprocal()
-        torch._foreach_mul_(denom, _unit_views(job, "kappa_inverse", inverse))
-        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-1)
-    else:
-        torch._foreach_addcmul_(params, u, _unit_views(job, "kappa", kappa), value=-1)
+    u = g
+    if opts.momentum != 0:
+        # buf = g at the parameter's first step: buf is still zero then, so only g's factor changes
+        bufs = _state_list(job, "momentum_buffer")
+        torch._foreach_mul_(bufs, torch.full_like(gate, opts.momentum).where(proceeds, 1.0))
+        torch._foreach_addcmul_(bufs, g, torch.unbind(1 - opts.dampening * (step_counts != 0).to(dtype)))
+        u = bufs
+        if opts.nesterov:
+            _, u = _flat_views(job, "direction")
+            torch._foreach_copy_(u, g)
+            torch._foreach_add_(u, bufs, alpha=opts.momentum)
+    if opts.stores_direction:  # weight 1 gives u exactly, weight 0 the old direction
+        torch._foreach_lerp_(_state_list(job, "prev_direction"), u, [gate] * len(u))
+    torch._foreach_addcmul_(job.params, u, kappa, value=-1)
