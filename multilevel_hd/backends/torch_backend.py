@@ -9,16 +9,18 @@ Two paths compute the same math:
 
 * `_step_foreach`, for a group of one float32 or float64 dtype on one device without the
   param level, outside torch.compile and unsharded: torch._foreach_* operations over all
-  tensors, and single operations over flat buffers that hold every tensor's g, and u_prev
-  or Adam's denominators, side by side (made once per plan). The buffers are ordered by row
-  length, so the row sums of all tensors take one sum per distinct row length. Adam's
-  moments and direction come from ATen's fused Adam kernel (`_adam_apply`). The ATen
-  operations a step dispatches do not grow with the number of tensors
-  (tests/test_torch_backend_ops.py). A skipped step (NaN/Inf gradient, GradScaler's
-  found_inf) is the kernel's found_inf for Adam; for SGD it runs with g = 0, where every
-  update is the identity (kappa = 0, buffers scaled by 1 plus 0, stored directions lerped
-  with weight 0), so nothing is selected per state tensor and nothing is read on the host;
-  every tensor stays the same up to the sign of a zero (-0.0 + +0.0 is +0.0).
+  tensors, and single operations over flat buffers that hold every tensor's g, u_prev and
+  h = g * u_prev side by side (made once per plan). The buffers are ordered by row length,
+  so the row sums of all tensors take one sum per distinct row length. Adam's moments and
+  direction come from ATen's fused Adam kernel (`_adam_apply`), and its u_prev is the
+  direction the step before wrote, kept for as long as the state it came from is unchanged
+  (`_previous_adam_direction`). The ATen operations a step dispatches do not grow with the
+  number of tensors (tests/test_torch_backend_ops.py). A skipped step (NaN/Inf gradient,
+  GradScaler's found_inf) is the kernel's found_inf for Adam; for SGD it runs with g = 0,
+  where every update is the identity (kappa = 0, buffers scaled by 1 plus 0, stored
+  directions lerped with weight 0), so nothing is selected per state tensor and nothing is
+  read on the host; every tensor stays the same up to the sign of a zero (-0.0 + +0.0 is
+  +0.0).
 * `_step_per_tensor`, for everything else (sharded groups, half or mixed precision, the
   param level, Adam with eps = 0 or with moments of a tensor in different layouts, and
   under torch.compile, where Inductor fuses either path
@@ -350,13 +352,13 @@ class _FlatLayout:
 
     `views(flat)`: each tensor's place in `flat`, in the plan's order, shaped (contiguous)
     like the tensor. `unit_index`: for each row of the blocks in turn, its unit in the
-    group's flat unit array; `tensor_of_row`: its tensor's position in the plan."""
+    group's flat unit array."""
 
     def __init__(self, plan, shapes, device):
         layouts = plan.active_layouts
         order = sorted(range(len(layouts)), key=lambda i: layouts[i].row_len)
         self._places, self.blocks = [None] * len(layouts), []
-        unit_index, tensor_of_row, offset = [], [], 0
+        unit_index, offset = [], 0
         for i in order:
             lay = layouts[i]
             self._places[i] = (offset, lay.numel, shapes[i])
@@ -366,14 +368,9 @@ class _FlatLayout:
             else:
                 self.blocks.append((offset, lay.units, lay.row_len))
             unit_index += range(lay.unit_offset, lay.unit_offset + lay.units)
-            tensor_of_row += [i] * lay.units
             offset += lay.numel
         self.numel = offset
         self.unit_index = torch.tensor(unit_index, device=device)
-        self.tensor_of_row = torch.tensor(tensor_of_row, device=device)
-        tensor_of_unit = torch.zeros(plan.layout.num_units, dtype=torch.int64)  # units that do not step: any
-        tensor_of_unit[unit_index] = torch.tensor(tensor_of_row, dtype=torch.int64)
-        self.tensor_of_unit = tensor_of_unit.to(device)
 
     def views(self, flat: torch.Tensor) -> list:
         return [flat[offset : offset + numel].view(shape) for offset, numel, shape in self._places]
@@ -424,21 +421,48 @@ def _unit_views(job: GroupJob, slot: str, per_unit: torch.Tensor) -> list:
     return views
 
 
-def _adam_denominators(job: GroupJob, exp_avg_sqs, steps: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor]:
-    """`_adam_direction` for all tensors, up to the division: x = m / denominator with the
-    denominators sqrt(v) + eps * sqrt(1 - b2^s) in the flat "denominator" buffer (flat, and
-    as per-tensor views), and the scale sqrt(1 - b2^s) / (1 - b1^s) as a vector (one per
-    tensor): the bias correction of v moves into the scale, so it costs no pass over the
-    elements. Every full-size operation is in place on a buffer made once per plan: a fresh
-    one costs its page faults again. `steps`: the tensors' step counts as one vector."""
+def _previous_adam_direction(job: GroupJob, step_counts: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """-u_prev of every tensor in the flat "kept_direction" buffer (flat, and as per-tensor
+    views): what the last step of this plan wrote there (`_adam_apply`), as long as every
+    state tensor it came from is the same tensor at the same version (`_remember_states`:
+    anything else that changes m, v, vmax or a step count in place, or replaces it, bumps
+    or breaks that), so that a step reads m and v once, in the kernel; else made again from
+    the state: m / (sqrt(v) + eps * sqrt(1 - b2^s)) times -sqrt(1 - b2^s) / (1 - b1^s), the
+    bias correction of v moved into the per-tensor scale (amsgrad: vmax for v; s the step
+    count, at least 1, as a parameter that never stepped has m = 0). Every full-size
+    operation is in place on a buffer made once per plan: a fresh one costs its page
+    faults again. `step_counts`: the tensors' step counts as one vector."""
     opts = job.opts
-    s = steps.to(torch.float64).clamp(min=1)
+    kept_flat, kept = _flat_views(job, "kept_direction")
+    memo = job.plan.cached(("kept_direction_states", kept_flat.device, kept_flat.dtype), dict)
+    tensors = _remembered_states(job)
+    if len(memo.get("tensors", ())) == len(tensors) and all(
+            t is old and t._version == version for t, old, version in zip(tensors, memo["tensors"], memo["versions"])):
+        return kept_flat, kept
+    memo.clear()
+    s = step_counts.to(torch.float64).clamp(min=1)
     root = (1 - opts.beta2**s).sqrt()
-    denom_flat, denom = _flat_views(job, "denominator")
-    torch._foreach_copy_(denom, exp_avg_sqs)
-    denom_flat.sqrt_()
-    torch._foreach_add_(denom, torch.unbind((opts.eps * root).to(denom_flat.dtype)))
-    return denom_flat, denom, (root / (1 - opts.beta1**s)).to(denom_flat.dtype)
+    torch._foreach_copy_(kept, _state_list(job, "max_exp_avg_sq" if opts.amsgrad else "exp_avg_sq"))
+    kept_flat.sqrt_()
+    torch._foreach_add_(kept, torch.unbind((opts.eps * root).to(kept_flat.dtype)))
+    kept_flat.reciprocal_()  # m / denominator in place (a copy of m and a division cost more)
+    torch._foreach_mul_(kept, _state_list(job, "exp_avg"))
+    torch._foreach_mul_(kept, torch.unbind((-root / (1 - opts.beta1**s)).to(kept_flat.dtype)))
+    return kept_flat, kept
+
+
+def _remembered_states(job: GroupJob) -> list:
+    """The state tensors -u_prev is made from."""
+    keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if job.opts.amsgrad else ())
+    return [st[k] for st in job.states for k in keys]
+
+
+def _remember_states(job: GroupJob) -> None:
+    """Record the state tensors, and their versions, that the kept direction now belongs to."""
+    kept_flat, _ = _flat_views(job, "kept_direction")
+    memo = job.plan.cached(("kept_direction_states", kept_flat.device, kept_flat.dtype), dict)
+    memo["tensors"] = _remembered_states(job)
+    memo["versions"] = [t._version for t in memo["tensors"]]
 
 
 def _state_list(job: GroupJob, key: str) -> list:
@@ -458,17 +482,15 @@ def _step_foreach(job: GroupJob) -> None:
     if opts.weight_decay > 0 and not opts.decoupled_weight_decay:
         torch._foreach_add_(g, params, alpha=opts.weight_decay)
 
-    # Reduction: u_prev into a flat buffer beside g's, then per unit the sums of their rows.
-    if opts.kind == "adam":
-        v_key = "max_exp_avg_sq" if opts.amsgrad else "exp_avg_sq"
-        x_flat, x, scale = _adam_denominators(job, _state_list(job, v_key), step_counts)
-        x_flat.reciprocal_()  # x = m / denominator, in place (a copy of m and a division cost more)
-        torch._foreach_mul_(x, _state_list(job, "exp_avg"))
-        row_scale = scale[flat.tensor_of_row]
+    # Reduction: u_prev in a flat buffer beside g's, h = g * u_prev, per unit the sums of their rows.
+    if opts.kind == "adam":  # the kept buffer holds -u_prev; h goes to the buffer the kernel writes -u to later
+        x_flat, x = _previous_adam_direction(job, step_counts)
+        h_flat, h = _flat_views(job, "product")
+        sign = -1
     else:
-        x_flat, x = _flat_views(job, "direction")
+        x_flat, x = h_flat, h = _flat_views(job, "direction")
         torch._foreach_copy_(x, _state_list(job, "prev_direction" if opts.stores_direction else "momentum_buffer"))
-        row_scale = None
+        sign = None
 
     def unit_sums(rows, factor=None):  # rows in block order -> the group's flat unit array
         rows = rows if factor is None else rows * factor
@@ -477,8 +499,8 @@ def _step_foreach(job: GroupJob) -> None:
     sums = UnitSums(s=None)
     if opts.rule == "multiplicative":
         sums.qg = unit_sums(flat.row_squares(g_flat))
-        sums.qu = unit_sums(flat.row_squares(x_flat), None if row_scale is None else row_scale * row_scale)
-    sums.s = unit_sums(flat.row_sums(x_flat.mul_(g_flat)), row_scale)  # x becomes h = g * x
+        sums.qu = unit_sums(flat.row_squares(x_flat))
+    sums.s = unit_sums(flat.row_sums(torch.mul(x_flat, g_flat, out=h_flat)), sign)
     if opts.skip_nonfinite:  # the extremes are NaN or infinite iff an element is
         sums.finite = torch.stack(torch.aminmax(g_flat)).isfinite().all()
 
@@ -489,54 +511,61 @@ def _step_foreach(job: GroupJob) -> None:
     if opts.decoupled_weight_decay and opts.weight_decay > 0:
         torch._foreach_addcmul_(params, params, kappa, value=-opts.weight_decay)
     if opts.kind == "adam":
-        _adam_apply(job, x_flat, x, g, kappa, coeffs.gate)
+        _adam_apply(job, x_flat, x, h_flat, h, g, kappa, coeffs.gate)
     else:
         _sgd_apply(job, g_flat, g, kappa, coeffs.gate, step_counts)
 
 
-def _adam_apply(job: GroupJob, scratch_flat: torch.Tensor, scratch: list, g: list, kappa: list,
-                gate: torch.Tensor) -> None:
-    """m, v (and vmax) moved and p - kappa * u, in two passes: ATen's fused Adam kernel
+def _adam_apply(job: GroupJob, kept_flat: torch.Tensor, kept: list, scratch_flat: torch.Tensor, scratch: list,
+                g: list, kappa: list, gate: torch.Tensor) -> None:
+    """m, v (and vmax) moved and p - kappa * u, in three passes: ATen's fused Adam kernel
     (torch._fused_adam_, the one torch.optim.Adam(fused=True) runs) moves the moments and
     writes -u into a zeroed scratch "parameter" (lr 1, no decay, no maximize: g already
-    holds those), reading the step counts already advanced; then p += kappa * scratch. A
-    skipped step passes found_inf = 1, on which the kernel returns before it reads
-    anything (g may hold NaN), so the moments stay bit-identical; the scratch stays 0 and
-    kappa is 0."""
+    holds those), reading the step counts already advanced; the kept direction becomes it
+    (lerp with weight gate: exactly the scratch, or exactly as it was); p += kappa * kept.
+    A skipped step passes found_inf = 1, on which the kernel returns before it reads
+    anything (g may hold NaN), so the moments stay bit-identical, the kept direction stays
+    u_prev and kappa is 0."""
     opts = job.opts
     scratch_flat.zero_()
-    scratch, g = _adam_kernel_operands(job, scratch, g)
-    torch._fused_adam_(scratch, g, _state_list(job, "exp_avg"), _state_list(job, "exp_avg_sq"),
+    kernel_scratch, kernel_g, copy_back = _adam_kernel_operands(job, scratch, g)
+    torch._fused_adam_(kernel_scratch, kernel_g, _state_list(job, "exp_avg"), _state_list(job, "exp_avg_sq"),
                        _state_list(job, "max_exp_avg_sq") if opts.amsgrad else [], _state_list(job, "step"),
                        lr=1.0, beta1=opts.beta1, beta2=opts.beta2, weight_decay=0.0, eps=opts.eps,
                        amsgrad=opts.amsgrad, maximize=False, found_inf=(1 - gate).to(torch.float32))
-    torch._foreach_addcmul_(job.params, scratch, kappa)
+    if copy_back:
+        torch._foreach_copy_(*copy_back)
+    kept_flat.lerp_(scratch_flat, gate.to(kept_flat.dtype))
+    torch._foreach_addcmul_(job.params, kept, kappa)
+    _remember_states(job)
 
 
-def _adam_kernel_operands(job: GroupJob, scratch: list, g: list) -> tuple[list, list]:
+def _adam_kernel_operands(job: GroupJob, scratch: list, g: list) -> tuple[list, list, tuple]:
     """The scratch and g as the fused Adam kernel must get them: with the moments' strides
-    (it walks all its operands in storage order). Where the moments are contiguous those
-    are the flat buffers' views; for a tensor whose moments are not (channels_last,
-    transposed) the scratch is its own flat chunk viewed with the moments' strides, and g
-    is copied into such a view of a second buffer. The views are made once per layout."""
+    (it walks all its operands in storage order), and what to copy back into the scratch
+    after it. Where the moments are contiguous those are the flat buffers' views. For a
+    tensor whose moments are not (channels_last, transposed) they are views with the
+    moments' strides of two more flat buffers: a zeroed one for the scratch, copied back
+    after the kernel, and one that g is copied into. The views are made once per layout."""
     moments = _state_list(job, "exp_avg")
     odd = [i for i, m in enumerate(moments) if not m.is_contiguous()]
     if not odd:
-        return scratch, g
+        return scratch, g, ()
     layout = tuple((i, moments[i].stride()) for i in odd)
 
     def make():
-        _, strided_g = _flat_views(job, "strided_grad")
-        views = {i: (scratch[i].as_strided(scratch[i].shape, stride), strided_g[i].as_strided(g[i].shape, stride))
+        (_, strided_scratch), (_, strided_g) = _flat_views(job, "strided_scratch"), _flat_views(job, "strided_grad")
+        views = {i: (strided_scratch[i].as_strided(g[i].shape, stride), strided_g[i].as_strided(g[i].shape, stride))
                  for i, stride in layout}
         kernel_scratch = [views[i][0] if i in views else t for i, t in enumerate(scratch)]
         kernel_g = [views[i][1] if i in views else t for i, t in enumerate(g)]
-        return kernel_scratch, kernel_g, [views[i][1] for i in odd], [g[i] for i in odd]
+        return kernel_scratch, kernel_g, [views[i][0] for i in odd], [views[i][1] for i in odd]
 
     key = ("adam_kernel_operands", layout, g[0].device, g[0].dtype)
-    kernel_scratch, kernel_g, targets, sources = job.plan.cached(key, make)
-    torch._foreach_copy_(targets, sources)
-    return kernel_scratch, kernel_g
+    kernel_scratch, kernel_g, odd_scratch, odd_g = job.plan.cached(key, make)
+    torch._foreach_zero_(odd_scratch)
+    torch._foreach_copy_(odd_g, [g[i] for i in odd])
+    return kernel_scratch, kernel_g, ([scratch[i] for i in odd], odd_scratch)
 
 
 def _sgd_apply(job: GroupJob, g_flat: torch.Tensor, g: list, kappa: list, gate: torch.Tensor,
