@@ -23,23 +23,27 @@ Two paths compute the same math:
   +0.0).
 * `_step_per_tensor`, for everything else (sharded groups, half or mixed precision, the
   param level, Adam with eps = 0 or with moments of a tensor in different layouts, and
-  under torch.compile, where Inductor fuses either path
-  and this one needs no per-plan buffers): a loop over tensors whose every operation is an
+  under torch.compile, where Inductor fuses either path and this one needs no per-plan
+  buffers): a loop over tensors whose every operation is an
   in-place or fused one (lerp_, addcmul_, out=), with its few temporaries in reusable
   scratch buffers and Adam's bias corrections made once per step for all tensors. A
   skipped step selects g = 0 once per tensor and leaves Adam's moments and p by gated
   arithmetic (see `_Gates`), SGD's buffers through a select (`torch.where(proceeds, new,
   old)`); every tensor stays the same up to the sign of a zero, as on the foreach path.
 
-Measured on 2 shared vCPUs (an AMD EPYC), against torch.optim.Adam(foreach=True) in the
-same run: the foreach path steps ResNet-50 shapes at 1.5x (1 thread) to 1.65x (2 threads)
-its time, 62 tensors of 16 or 4,096 elements at 1.8-2.1x; the per-tensor loop took 2.0-2.5x,
-9.5x and 7x (2 threads) before its bias corrections were batched and its selects cut (ResNet-50:
-132 -> 98 ms). Full-size CPU temporaries are avoided on both paths: PyTorch's CPU allocator
-does not cache, and a fresh multi-megabyte buffer costs its page faults again (an
-out-of-place sqrt of 9.4M floats: 25 ms; in place: 2 ms). The guard's flag comes from the
-gradients' max and min (cheap vectorised reads; a product or sum would also flag finite
-values that overflow). Half-precision parameters are updated through float32 copies.
+Measured on 2 shared vCPUs (an AMD EPYC, 2 threads), against torch.optim.Adam(foreach=True)
+in the same run (medians of per-round ratios, 31 rounds, a busy machine): the foreach path
+steps MultiLevelAdam [global+unit] on ResNet-50 shapes at 0.82-0.91x its time, 62 tensors
+of 16 elements at 1.5-1.65x, of 4,096 at 1.15-1.5x (before the fused kernel and the kept
+direction: 1.4-1.9x, 1.7-2.1x, 1.8x; its ~20 passes over the elements are now 10, foreach
+Adam makes about 8), holding three flat buffers of the group's size (g, the kept
+direction, h). The per-tensor loop took 2.0-2.5x, 9.5x and 7x before its bias corrections
+were batched and its selects cut (ResNet-50: 132 -> 98 ms). Full-size CPU temporaries are
+avoided on both paths: PyTorch's CPU allocator does not cache, and a fresh multi-megabyte
+buffer costs its page faults again (an out-of-place sqrt of 9.4M floats: 25 ms; in place:
+2 ms). The guard's flag comes from the gradients' max and min (cheap vectorised reads; a
+product or sum would also flag finite values that overflow). Half-precision parameters are
+updated through float32 copies.
 
 Under torch.compile the whole step is traced into one graph (tests/test_compile.py):
 nothing here reads a tensor on the host or imports anything, the plan's tables are made
@@ -426,7 +430,8 @@ def _previous_adam_direction(job: GroupJob, step_counts: torch.Tensor) -> tuple[
     views): what the last step of this plan wrote there (`_adam_apply`), as long as every
     state tensor it came from is the same tensor at the same version (`_remember_states`:
     anything else that changes m, v, vmax or a step count in place, or replaces it, bumps
-    or breaks that), so that a step reads m and v once, in the kernel; else made again from
+    or breaks that; a change through `.data` is hidden from version counters, as from
+    autograd), so that a step reads m and v once, in the kernel; else made again from
     the state: m / (sqrt(v) + eps * sqrt(1 - b2^s)) times -sqrt(1 - b2^s) / (1 - b1^s), the
     bias correction of v moved into the per-tensor scale (amsgrad: vmax for v; s the step
     count, at least 1, as a parameter that never stepped has m = 0). Every full-size
