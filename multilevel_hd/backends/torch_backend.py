@@ -9,41 +9,35 @@ Two paths compute the same math:
 
 * `_step_foreach`, for a group of one float32 or float64 dtype on one device without the
   param level, outside torch.compile and unsharded: torch._foreach_* operations over all
-  tensors, and single operations over flat buffers that hold every tensor's g, u_prev and
-  h = g * u_prev side by side (made once per plan). The buffers are ordered by row length,
-  so the row sums of all tensors take one sum per distinct row length. Adam's moments and
-  direction come from ATen's fused Adam kernel (`_adam_apply`), and its u_prev is the
-  direction the step before wrote, kept for as long as the state it came from is unchanged
-  (`_previous_adam_direction`). The ATen operations a step dispatches do not grow with the
-  number of tensors (tests/test_torch_backend_ops.py). A skipped step (NaN/Inf gradient,
-  GradScaler's found_inf) is the kernel's found_inf for Adam; for SGD it runs with g = 0,
-  where every update is the identity (kappa = 0, buffers scaled by 1 plus 0, stored
-  directions lerped with weight 0), so nothing is selected per state tensor and nothing is
-  read on the host; every tensor stays the same up to the sign of a zero (-0.0 + +0.0 is
-  +0.0).
+  tensors, and single operations over flat buffers that hold every tensor's g, and u_prev
+  or Adam's denominators, side by side (made once per plan). The buffers are ordered by row
+  length, so the row sums of all tensors take one sum per distinct row length. Adam's
+  moments and direction come from ATen's fused Adam kernel (`_adam_apply`). The ATen
+  operations a step dispatches do not grow with the number of tensors
+  (tests/test_torch_backend_ops.py). A skipped step (NaN/Inf gradient, GradScaler's
+  found_inf) is the kernel's found_inf for Adam; for SGD it runs with g = 0, where every
+  update is the identity (kappa = 0, buffers scaled by 1 plus 0, stored directions lerped
+  with weight 0), so nothing is selected per state tensor and nothing is read on the host;
+  every tensor stays the same up to the sign of a zero (-0.0 + +0.0 is +0.0).
 * `_step_per_tensor`, for everything else (sharded groups, half or mixed precision, the
-  param level, Adam with eps = 0 or with moments of a tensor in different layouts, and
-  under torch.compile, where Inductor fuses either path and this one needs no per-plan
-  buffers): a loop over tensors whose every operation is an
-  in-place or fused one (lerp_, addcmul_, out=), with its few temporaries in reusable
+  param level, Adam with eps = 0, with moments of a tensor in different layouts or on a
+  device without ATen's fused Adam kernel, and under torch.compile, where Inductor fuses
+  either path and this one needs no per-plan buffers): a loop over tensors whose every
+  operation is an in-place or fused one (lerp_, addcmul_, out=), with its few temporaries in reusable
   scratch buffers and Adam's bias corrections made once per step for all tensors. A
   skipped step selects g = 0 once per tensor and leaves Adam's moments and p by gated
   arithmetic (see `_Gates`), SGD's buffers through a select (`torch.where(proceeds, new,
   old)`); every tensor stays the same up to the sign of a zero, as on the foreach path.
 
-Measured on 2 shared vCPUs (an AMD EPYC, 2 threads), against torch.optim.Adam(foreach=True)
-in the same run (medians of per-round ratios, 31 rounds, a busy machine): the foreach path
-steps MultiLevelAdam [global+unit] on ResNet-50 shapes at 0.82-0.91x its time, 62 tensors
-of 16 elements at 1.5-1.65x, of 4,096 at 1.15-1.5x (before the fused kernel and the kept
-direction: 1.4-1.9x, 1.7-2.1x, 1.8x; its ~20 passes over the elements are now 10, foreach
-Adam makes about 8), holding three flat buffers of the group's size (g, the kept
-direction, h). The per-tensor loop took 2.0-2.5x, 9.5x and 7x before its bias corrections
-were batched and its selects cut (ResNet-50: 132 -> 98 ms). Full-size CPU temporaries are
-avoided on both paths: PyTorch's CPU allocator does not cache, and a fresh multi-megabyte
-buffer costs its page faults again (an out-of-place sqrt of 9.4M floats: 25 ms; in place:
-2 ms). The guard's flag comes from the gradients' max and min (cheap vectorised reads; a
-product or sum would also flag finite values that overflow). Half-precision parameters are
-updated through float32 copies.
+Measured on 2 shared vCPUs (an AMD EPYC), against torch.optim.Adam(foreach=True) in the
+same run: the foreach path steps ResNet-50 shapes at 1.5x (1 thread) to 1.65x (2 threads)
+its time, 62 tensors of 16 or 4,096 elements at 1.8-2.1x; the per-tensor loop took 2.0-2.5x,
+9.5x and 7x (2 threads) before its bias corrections were batched and its selects cut (ResNet-50:
+132 -> 98 ms). Full-size CPU temporaries are avoided on both paths: PyTorch's CPU allocator
+does not cache, and a fresh multi-megabyte buffer costs its page faults again (an
+out-of-place sqrt of 9.4M floats: 25 ms; in place: 2 ms). The guard's flag comes from the
+gradients' max and min (cheap vectorised reads; a product or sum would also flag finite
+values that overflow). Half-precision parameters are updated through float32 copies.
 
 Under torch.compile the whole step is traced into one graph (tests/test_compile.py):
 nothing here reads a tensor on the host or imports anything, the plan's tables are made
@@ -55,6 +49,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # as torch.optim.Adam(fused=True)
 
 from ..hierarchy import unit_view
 from ..levels import StepCoefficients, UnitSums, update_levels
@@ -324,7 +319,15 @@ def _foreach_applies(job: GroupJob) -> bool:
             and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
             and len({t.device for t in job.params}) == 1
             and "param" not in opts.levels
-            and not (opts.kind == "adam" and (opts.eps == 0 or not _moments_share_a_dense_layout(job))))
+            and not (opts.kind == "adam" and not _fused_adam_applies(job)))
+
+
+def _fused_adam_applies(job: GroupJob) -> bool:
+    """Whether ATen's fused Adam kernel (`_adam_apply`) can step this group: eps > 0 (else
+    0 / 0 where m = v = 0), a device it is built for (as torch.optim.Adam(fused=True) asks),
+    and moments it can walk."""
+    return (job.opts.eps > 0 and job.params[0].device.type in _get_fused_kernels_supported_devices()
+            and _moments_share_a_dense_layout(job))
 
 
 def _moments_share_a_dense_layout(job: GroupJob) -> bool:
@@ -356,13 +359,13 @@ class _FlatLayout:
 
     `views(flat)`: each tensor's place in `flat`, in the plan's order, shaped (contiguous)
     like the tensor. `unit_index`: for each row of the blocks in turn, its unit in the
-    group's flat unit array."""
+    group's flat unit array; `tensor_of_row`: its tensor's position in the plan."""
 
     def __init__(self, plan, shapes, device):
         layouts = plan.active_layouts
         order = sorted(range(len(layouts)), key=lambda i: layouts[i].row_len)
         self._places, self.blocks = [None] * len(layouts), []
-        unit_index, offset = [], 0
+        unit_index, tensor_of_row, offset = [], [], 0
         for i in order:
             lay = layouts[i]
             self._places[i] = (offset, lay.numel, shapes[i])
@@ -372,9 +375,11 @@ class _FlatLayout:
             else:
                 self.blocks.append((offset, lay.units, lay.row_len))
             unit_index += range(lay.unit_offset, lay.unit_offset + lay.units)
+            tensor_of_row += [i] * lay.units
             offset += lay.numel
         self.numel = offset
         self.unit_index = torch.tensor(unit_index, device=device)
+        self.tensor_of_row = torch.tensor(tensor_of_row, device=device)
 
     def views(self, flat: torch.Tensor) -> list:
         return [flat[offset : offset + numel].view(shape) for offset, numel, shape in self._places]
@@ -425,49 +430,21 @@ def _unit_views(job: GroupJob, slot: str, per_unit: torch.Tensor) -> list:
     return views
 
 
-def _previous_adam_direction(job: GroupJob, step_counts: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """-u_prev of every tensor in the flat "kept_direction" buffer (flat, and as per-tensor
-    views): what the last step of this plan wrote there (`_adam_apply`), as long as every
-    state tensor it came from is the same tensor at the same version (`_remember_states`:
-    anything else that changes m, v, vmax or a step count in place, or replaces it, bumps
-    or breaks that; a change through `.data` is hidden from version counters, as from
-    autograd), so that a step reads m and v once, in the kernel; else made again from
-    the state: m / (sqrt(v) + eps * sqrt(1 - b2^s)) times -sqrt(1 - b2^s) / (1 - b1^s), the
-    bias correction of v moved into the per-tensor scale (amsgrad: vmax for v; s the step
-    count, at least 1, as a parameter that never stepped has m = 0). Every full-size
-    operation is in place on a buffer made once per plan: a fresh one costs its page
-    faults again. `step_counts`: the tensors' step counts as one vector."""
+def _adam_denominators(job: GroupJob, exp_avg_sqs, steps: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """`_adam_direction` for all tensors, up to the division: x = m / denominator with the
+    denominators sqrt(v) + eps * sqrt(1 - b2^s) in the flat "denominator" buffer (flat, and
+    as per-tensor views), and the scale sqrt(1 - b2^s) / (1 - b1^s) as a vector (one per
+    tensor): the bias correction of v moves into the scale, so it costs no pass over the
+    elements. Every full-size operation is in place on a buffer made once per plan: a fresh
+    one costs its page faults again. `steps`: the tensors' step counts as one vector."""
     opts = job.opts
-    kept_flat, kept = _flat_views(job, "kept_direction")
-    memo = job.plan.cached(("kept_direction_states", kept_flat.device, kept_flat.dtype), dict)
-    tensors = _remembered_states(job)
-    if len(memo.get("tensors", ())) == len(tensors) and all(
-            t is old and t._version == version for t, old, version in zip(tensors, memo["tensors"], memo["versions"])):
-        return kept_flat, kept
-    memo.clear()
-    s = step_counts.to(torch.float64).clamp(min=1)
+    s = steps.to(torch.float64).clamp(min=1)
     root = (1 - opts.beta2**s).sqrt()
-    torch._foreach_copy_(kept, _state_list(job, "max_exp_avg_sq" if opts.amsgrad else "exp_avg_sq"))
-    kept_flat.sqrt_()
-    torch._foreach_add_(kept, torch.unbind((opts.eps * root).to(kept_flat.dtype)))
-    kept_flat.reciprocal_()  # m / denominator in place (a copy of m and a division cost more)
-    torch._foreach_mul_(kept, _state_list(job, "exp_avg"))
-    torch._foreach_mul_(kept, torch.unbind((-root / (1 - opts.beta1**s)).to(kept_flat.dtype)))
-    return kept_flat, kept
-
-
-def _remembered_states(job: GroupJob) -> list:
-    """The state tensors -u_prev is made from."""
-    keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if job.opts.amsgrad else ())
-    return [st[k] for st in job.states for k in keys]
-
-
-def _remember_states(job: GroupJob) -> None:
-    """Record the state tensors, and their versions, that the kept direction now belongs to."""
-    kept_flat, _ = _flat_views(job, "kept_direction")
-    memo = job.plan.cached(("kept_direction_states", kept_flat.device, kept_flat.dtype), dict)
-    memo["tensors"] = _remembered_states(job)
-    memo["versions"] = [t._version for t in memo["tensors"]]
+    denom_flat, denom = _flat_views(job, "denominator")
+    torch._foreach_copy_(denom, exp_avg_sqs)
+    denom_flat.sqrt_()
+    torch._foreach_add_(denom, torch.unbind((opts.eps * root).to(denom_flat.dtype)))
+    return denom_flat, denom, (root / (1 - opts.beta1**s)).to(denom_flat.dtype)
 
 
 def _state_list(job: GroupJob, key: str) -> list:
@@ -487,15 +464,17 @@ def _step_foreach(job: GroupJob) -> None:
     if opts.weight_decay > 0 and not opts.decoupled_weight_decay:
         torch._foreach_add_(g, params, alpha=opts.weight_decay)
 
-    # Reduction: u_prev in a flat buffer beside g's, h = g * u_prev, per unit the sums of their rows.
-    if opts.kind == "adam":  # the kept buffer holds -u_prev; h goes to the buffer the kernel writes -u to later
-        x_flat, x = _previous_adam_direction(job, step_counts)
-        h_flat, h = _flat_views(job, "product")
-        sign = -1
+    # Reduction: u_prev into a flat buffer beside g's, then per unit the sums of their rows.
+    if opts.kind == "adam":
+        v_key = "max_exp_avg_sq" if opts.amsgrad else "exp_avg_sq"
+        x_flat, x, scale = _adam_denominators(job, _state_list(job, v_key), step_counts)
+        x_flat.reciprocal_()  # x = m / denominator, in place (a copy of m and a division cost more)
+        torch._foreach_mul_(x, _state_list(job, "exp_avg"))
+        row_scale = scale[flat.tensor_of_row]
     else:
-        x_flat, x = h_flat, h = _flat_views(job, "direction")
+        x_flat, x = _flat_views(job, "direction")
         torch._foreach_copy_(x, _state_list(job, "prev_direction" if opts.stores_direction else "momentum_buffer"))
-        sign = None
+        row_scale = None
 
     def unit_sums(rows, factor=None):  # rows in block order -> the group's flat unit array
         rows = rows if factor is None else rows * factor
@@ -504,8 +483,8 @@ def _step_foreach(job: GroupJob) -> None:
     sums = UnitSums(s=None)
     if opts.rule == "multiplicative":
         sums.qg = unit_sums(flat.row_squares(g_flat))
-        sums.qu = unit_sums(flat.row_squares(x_flat))
-    sums.s = unit_sums(flat.row_sums(torch.mul(x_flat, g_flat, out=h_flat)), sign)
+        sums.qu = unit_sums(flat.row_squares(x_flat), None if row_scale is None else row_scale * row_scale)
+    sums.s = unit_sums(flat.row_sums(x_flat.mul_(g_flat)), row_scale)  # x becomes h = g * x
     if opts.skip_nonfinite:  # the extremes are NaN or infinite iff an element is
         sums.finite = torch.stack(torch.aminmax(g_flat)).isfinite().all()
 
@@ -516,61 +495,54 @@ def _step_foreach(job: GroupJob) -> None:
     if opts.decoupled_weight_decay and opts.weight_decay > 0:
         torch._foreach_addcmul_(params, params, kappa, value=-opts.weight_decay)
     if opts.kind == "adam":
-        _adam_apply(job, x_flat, x, h_flat, h, g, kappa, coeffs.gate)
+        _adam_apply(job, x_flat, x, g, kappa, coeffs.gate)
     else:
         _sgd_apply(job, g_flat, g, kappa, coeffs.gate, step_counts)
 
 
-def _adam_apply(job: GroupJob, kept_flat: torch.Tensor, kept: list, scratch_flat: torch.Tensor, scratch: list,
-                g: list, kappa: list, gate: torch.Tensor) -> None:
-    """m, v (and vmax) moved and p - kappa * u, in three passes: ATen's fused Adam kernel
+def _adam_apply(job: GroupJob, scratch_flat: torch.Tensor, scratch: list, g: list, kappa: list,
+                gate: torch.Tensor) -> None:
+    """m, v (and vmax) moved and p - kappa * u, in two passes: ATen's fused Adam kernel
     (torch._fused_adam_, the one torch.optim.Adam(fused=True) runs) moves the moments and
     writes -u into a zeroed scratch "parameter" (lr 1, no decay, no maximize: g already
-    holds those), reading the step counts already advanced; the kept direction becomes it
-    (lerp with weight gate: exactly the scratch, or exactly as it was); p += kappa * kept.
-    A skipped step passes found_inf = 1, on which the kernel returns before it reads
-    anything (g may hold NaN), so the moments stay bit-identical, the kept direction stays
-    u_prev and kappa is 0."""
+    holds those), reading the step counts already advanced; then p += kappa * scratch. A
+    skipped step passes found_inf = 1, on which the kernel returns before it reads
+    anything (g may hold NaN), so the moments stay bit-identical; the scratch stays 0 and
+    kappa is 0."""
     opts = job.opts
     scratch_flat.zero_()
-    kernel_scratch, kernel_g, copy_back = _adam_kernel_operands(job, scratch, g)
-    torch._fused_adam_(kernel_scratch, kernel_g, _state_list(job, "exp_avg"), _state_list(job, "exp_avg_sq"),
+    scratch, g = _adam_kernel_operands(job, scratch, g)
+    torch._fused_adam_(scratch, g, _state_list(job, "exp_avg"), _state_list(job, "exp_avg_sq"),
                        _state_list(job, "max_exp_avg_sq") if opts.amsgrad else [], _state_list(job, "step"),
                        lr=1.0, beta1=opts.beta1, beta2=opts.beta2, weight_decay=0.0, eps=opts.eps,
                        amsgrad=opts.amsgrad, maximize=False, found_inf=(1 - gate).to(torch.float32))
-    if copy_back:
-        torch._foreach_copy_(*copy_back)
-    kept_flat.lerp_(scratch_flat, gate.to(kept_flat.dtype))
-    torch._foreach_addcmul_(job.params, kept, kappa)
-    _remember_states(job)
+    torch._foreach_addcmul_(job.params, scratch, kappa)
 
 
-def _adam_kernel_operands(job: GroupJob, scratch: list, g: list) -> tuple[list, list, tuple]:
+def _adam_kernel_operands(job: GroupJob, scratch: list, g: list) -> tuple[list, list]:
     """The scratch and g as the fused Adam kernel must get them: with the moments' strides
-    (it walks all its operands in storage order), and what to copy back into the scratch
-    after it. Where the moments are contiguous those are the flat buffers' views. For a
-    tensor whose moments are not (channels_last, transposed) they are views with the
-    moments' strides of two more flat buffers: a zeroed one for the scratch, copied back
-    after the kernel, and one that g is copied into. The views are made once per layout."""
+    (it walks all its operands in storage order). Where the moments are contiguous those
+    are the flat buffers' views; for a tensor whose moments are not (channels_last,
+    transposed) the scratch is its own flat chunk viewed with the moments' strides, and g
+    is copied into such a view of a second buffer. The views are made once per layout."""
     moments = _state_list(job, "exp_avg")
     odd = [i for i, m in enumerate(moments) if not m.is_contiguous()]
     if not odd:
-        return scratch, g, ()
+        return scratch, g
     layout = tuple((i, moments[i].stride()) for i in odd)
 
     def make():
-        (_, strided_scratch), (_, strided_g) = _flat_views(job, "strided_scratch"), _flat_views(job, "strided_grad")
-        views = {i: (strided_scratch[i].as_strided(g[i].shape, stride), strided_g[i].as_strided(g[i].shape, stride))
+        _, strided_g = _flat_views(job, "strided_grad")
+        views = {i: (scratch[i].as_strided(scratch[i].shape, stride), strided_g[i].as_strided(g[i].shape, stride))
                  for i, stride in layout}
         kernel_scratch = [views[i][0] if i in views else t for i, t in enumerate(scratch)]
         kernel_g = [views[i][1] if i in views else t for i, t in enumerate(g)]
-        return kernel_scratch, kernel_g, [views[i][0] for i in odd], [views[i][1] for i in odd]
+        return kernel_scratch, kernel_g, [views[i][1] for i in odd], [g[i] for i in odd]
 
     key = ("adam_kernel_operands", layout, g[0].device, g[0].dtype)
-    kernel_scratch, kernel_g, odd_scratch, odd_g = job.plan.cached(key, make)
-    torch._foreach_zero_(odd_scratch)
-    torch._foreach_copy_(odd_g, [g[i] for i in odd])
-    return kernel_scratch, kernel_g, ([scratch[i] for i in odd], odd_scratch)
+    kernel_scratch, kernel_g, targets, sources = job.plan.cached(key, make)
+    torch._foreach_copy_(targets, sources)
+    return kernel_scratch, kernel_g
 
 
 def _sgd_apply(job: GroupJob, g_flat: torch.Tensor, g: list, kappa: list, gate: torch.Tensor,
