@@ -29,15 +29,19 @@ Two paths compute the same math:
   arithmetic (see `_Gates`), SGD's buffers through a select (`torch.where(proceeds, new,
   old)`); every tensor stays the same up to the sign of a zero, as on the foreach path.
 
-Measured on 2 shared vCPUs (an AMD EPYC), against torch.optim.Adam(foreach=True) in the
-same run: the foreach path steps ResNet-50 shapes at 1.5x (1 thread) to 1.65x (2 threads)
-its time, 62 tensors of 16 or 4,096 elements at 1.8-2.1x; the per-tensor loop took 2.0-2.5x,
-9.5x and 7x (2 threads) before its bias corrections were batched and its selects cut (ResNet-50:
-132 -> 98 ms). Full-size CPU temporaries are avoided on both paths: PyTorch's CPU allocator
-does not cache, and a fresh multi-megabyte buffer costs its page faults again (an
-out-of-place sqrt of 9.4M floats: 25 ms; in place: 2 ms). The guard's flag comes from the
-gradients' max and min (cheap vectorised reads; a product or sum would also flag finite
-values that overflow). Half-precision parameters are updated through float32 copies.
+Measured on 2 shared vCPUs (an AMD EPYC, 2 threads, a busy machine), against
+torch.optim.Adam(foreach=True) in the same run (medians of per-round ratios, 21-31
+rounds): the foreach path steps MultiLevelAdam [global+unit] on ResNet-50 shapes at
+1.14-1.43x its time, 62 tensors of 16 elements at 1.6-1.85x, of 4,096 at 1.55-1.75x
+(before the fused kernel took Adam's moments and direction, in the same runs: 1.35-1.9x,
+1.9-1.95x, 1.65-2.3x; its apply pass went from about 9 passes over the elements to 3).
+The per-tensor loop took 2.0-2.5x, 9.5x and 7x before its bias corrections were batched
+and its selects cut (ResNet-50: 132 -> 98 ms). Full-size CPU temporaries are avoided on
+both paths: PyTorch's CPU allocator does not cache, and a fresh multi-megabyte buffer
+costs its page faults again (an out-of-place sqrt of 9.4M floats: 25 ms; in place: 2 ms).
+The guard's flag comes from the gradients' max and min (cheap vectorised reads; a product
+or sum would also flag finite values that overflow). Half-precision parameters are updated
+through float32 copies.
 
 Under torch.compile the whole step is traced into one graph (tests/test_compile.py):
 nothing here reads a tensor on the host or imports anything, the plan's tables are made
@@ -508,7 +512,10 @@ def _adam_apply(job: GroupJob, scratch_flat: torch.Tensor, scratch: list, g: lis
     holds those), reading the step counts already advanced; then p += kappa * scratch. A
     skipped step passes found_inf = 1, on which the kernel returns before it reads
     anything (g may hold NaN), so the moments stay bit-identical; the scratch stays 0 and
-    kappa is 0."""
+    kappa is 0. Keeping this -u as the next step's u_prev would spare the reduction its five
+    passes over m and v, but it differs in the last bit from the u_prev made from m and v,
+    which an optimizer resumed from a state dict or copied must make: it would then leave
+    the original's trajectory (tests/test_torch_optim_suite.py resumes bit for bit)."""
     opts = job.opts
     scratch_flat.zero_()
     scratch, g = _adam_kernel_operands(job, scratch, g)
