@@ -236,6 +236,25 @@ def test_param_without_grad_is_untouched(backend, cls):
     assert not torch.equal(p.detach(), p0)
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_moments_in_different_layouts(backend):
+    """A parameter whose m and v are laid out differently (v made contiguous, m left
+    channels_last or transposed, as a hand-edited or converted state may be) steps as the
+    reference does: the torch backend's fused Adam kernel walks m, v, g in one storage
+    order, so such a group must take its per-tensor path. float64, 6 steps."""
+    kw = dict(levels=("global", "unit"), hypergrad_rule="multiplicative", hypergrad_lr=0.1)
+    gf = _gradfn(backend)
+    runs = []
+    for name in (backend, "reference"):
+        ps = make_params(torch.float64, DEVICE if name == backend else "cpu", 0, shapes_for(backend))
+        opt = mlhd.MultiLevelAdam(ps, lr=0.01, backend=name, **kw)
+        snaps = run_optimizer(opt, gf, 3)
+        for st in opt.state.values():
+            st["exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+        runs.append(snaps + run_optimizer(opt, gf, 3, start=3))
+    assert_trajectories_close(*runs, TOL_F64, label=f"{backend} vs reference, v made contiguous after step 3")
+
+
 def _two_group_setup(cls):
     base = C("x", cls).kwargs
     g0 = dict(base, levels=("layer", "param"), init_weights=(1, 2))

@@ -11,31 +11,37 @@ Two paths compute the same math:
   param level, outside torch.compile and unsharded: torch._foreach_* operations over all
   tensors, and single operations over flat buffers that hold every tensor's g, and u_prev
   or Adam's denominators, side by side (made once per plan). The buffers are ordered by row
-  length, so the row sums of all tensors take one sum per distinct row length. The ATen
+  length, so the row sums of all tensors take one sum per distinct row length. Adam's
+  moments and direction come from ATen's fused Adam kernel (`_adam_apply`). The ATen
   operations a step dispatches do not grow with the number of tensors
   (tests/test_torch_backend_ops.py). A skipped step (NaN/Inf gradient, GradScaler's
-  found_inf) runs with g = 0, where every update is the identity (kappa = 0, moments scaled
-  by 1 plus 0, stored directions lerped with weight 0), so nothing is selected per state
-  tensor and nothing is read on the host; every tensor stays the same up to the sign of a
-  zero (-0.0 + +0.0 is +0.0).
+  found_inf) is the kernel's found_inf for Adam; for SGD it runs with g = 0, where every
+  update is the identity (kappa = 0, buffers scaled by 1 plus 0, stored directions lerped
+  with weight 0), so nothing is selected per state tensor and nothing is read on the host;
+  every tensor stays the same up to the sign of a zero (-0.0 + +0.0 is +0.0).
 * `_step_per_tensor`, for everything else (sharded groups, half or mixed precision, the
-  param level, Adam with eps = 0, and under torch.compile, where Inductor fuses either path
-  and this one needs no per-plan buffers): a loop over tensors whose every operation is an
-  in-place or fused one (lerp_, addcmul_, out=), with its few temporaries in reusable
+  param level, Adam with eps = 0, with moments of a tensor in different layouts or on a
+  device without ATen's fused Adam kernel, and under torch.compile, where Inductor fuses
+  either path and this one needs no per-plan buffers): a loop over tensors whose every
+  operation is an in-place or fused one (lerp_, addcmul_, out=), with its few temporaries in reusable
   scratch buffers and Adam's bias corrections made once per step for all tensors. A
   skipped step selects g = 0 once per tensor and leaves Adam's moments and p by gated
   arithmetic (see `_Gates`), SGD's buffers through a select (`torch.where(proceeds, new,
   old)`); every tensor stays the same up to the sign of a zero, as on the foreach path.
 
-Measured on 2 shared vCPUs (an AMD EPYC), against torch.optim.Adam(foreach=True) in the
-same run: the foreach path steps ResNet-50 shapes at 1.5x (1 thread) to 1.65x (2 threads)
-its time, 62 tensors of 16 or 4,096 elements at 1.8-2.1x; the per-tensor loop took 2.0-2.5x,
-9.5x and 7x (2 threads) before its bias corrections were batched and its selects cut (ResNet-50:
-132 -> 98 ms). Full-size CPU temporaries are avoided on both paths: PyTorch's CPU allocator
-does not cache, and a fresh multi-megabyte buffer costs its page faults again (an
-out-of-place sqrt of 9.4M floats: 25 ms; in place: 2 ms). The guard's flag comes from the
-gradients' max and min (cheap vectorised reads; a product or sum would also flag finite
-values that overflow). Half-precision parameters are updated through float32 copies.
+Measured on 2 shared vCPUs (an AMD EPYC, 2 threads, a busy machine), against
+torch.optim.Adam(foreach=True) in the same run (medians of per-round ratios, 21-31
+rounds): the foreach path steps MultiLevelAdam [global+unit] on ResNet-50 shapes at
+1.14-1.43x its time, 62 tensors of 16 elements at 1.6-1.85x, of 4,096 at 1.55-1.75x
+(before the fused kernel took Adam's moments and direction, in the same runs: 1.35-1.9x,
+1.9-1.95x, 1.65-2.3x; its apply pass went from about 9 passes over the elements to 3).
+The per-tensor loop took 2.0-2.5x, 9.5x and 7x before its bias corrections were batched
+and its selects cut (ResNet-50: 132 -> 98 ms). Full-size CPU temporaries are avoided on
+both paths: PyTorch's CPU allocator does not cache, and a fresh multi-megabyte buffer
+costs its page faults again (an out-of-place sqrt of 9.4M floats: 25 ms; in place: 2 ms).
+The guard's flag comes from the gradients' max and min (cheap vectorised reads; a product
+or sum would also flag finite values that overflow). Half-precision parameters are updated
+through float32 copies.
 
 Under torch.compile the whole step is traced into one graph (tests/test_compile.py):
 nothing here reads a tensor on the host or imports anything, the plan's tables are made
@@ -47,6 +53,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # as torch.optim.Adam(fused=True)
 
 from ..hierarchy import unit_view
 from ..levels import StepCoefficients, UnitSums, update_levels
@@ -316,7 +323,37 @@ def _foreach_applies(job: GroupJob) -> bool:
             and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
             and len({t.device for t in job.params}) == 1
             and "param" not in opts.levels
-            and not (opts.kind == "adam" and opts.eps == 0))
+            and not (opts.kind == "adam" and not _fused_adam_applies(job)))
+
+
+def _fused_adam_applies(job: GroupJob) -> bool:
+    """Whether ATen's fused Adam kernel (`_adam_apply`) can step this group: eps > 0 (else
+    0 / 0 where m = v = 0), a device it is built for (as torch.optim.Adam(fused=True) asks),
+    and moments it can walk."""
+    return (job.opts.eps > 0 and job.params[0].device.type in _get_fused_kernels_supported_devices()
+            and _moments_share_a_dense_layout(job))
+
+
+def _moments_share_a_dense_layout(job: GroupJob) -> bool:
+    """Whether each tensor's Adam moments (m, v, vmax) have one set of strides that covers
+    their storage without gaps or overlaps: ATen's fused Adam kernel walks them in storage
+    order (`_adam_apply`), with g and the scratch given in the same order."""
+    keys = ("exp_avg_sq", "max_exp_avg_sq") if job.opts.amsgrad else ("exp_avg_sq",)
+    for st in job.states:
+        m = st["exp_avg"]
+        if any(st[k].stride() != m.stride() for k in keys) or not (m.is_contiguous() or _is_dense(m)):
+            return False
+    return True
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill its storage span exactly once (any order of dimensions)."""
+    expected = 1
+    for size, stride in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 class _FlatLayout:
@@ -347,9 +384,6 @@ class _FlatLayout:
         self.numel = offset
         self.unit_index = torch.tensor(unit_index, device=device)
         self.tensor_of_row = torch.tensor(tensor_of_row, device=device)
-        tensor_of_unit = torch.zeros(plan.layout.num_units, dtype=torch.int64)  # units that do not step: any
-        tensor_of_unit[unit_index] = torch.tensor(tensor_of_row, dtype=torch.int64)
-        self.tensor_of_unit = tensor_of_unit.to(device)
 
     def views(self, flat: torch.Tensor) -> list:
         return [flat[offset : offset + numel].view(shape) for offset, numel, shape in self._places]
@@ -459,48 +493,91 @@ def _step_foreach(job: GroupJob) -> None:
         sums.finite = torch.stack(torch.aminmax(g_flat)).isfinite().all()
 
     coeffs = update_levels(job, sums)
-    proceeds = coeffs.gate > 0
     gate = coeffs.gate.to(dtype)
-    # A skipped step sees g = 0: then every update below is exactly the identity (kappa is
-    # 0, a moment is scaled by 1 and gets 0 added), without a select on the state. With the
-    # guard a step that proceeds has finite g, so g * gate with NaN (0 * inf) made 0 is that
-    # select, in two vectorised passes that cost 0.6 of one `where` with a 0-d condition.
+    torch._foreach_add_(steps, gate)
+    kappa = _unit_views(job, "kappa", coeffs.kappa_units)
+    if opts.decoupled_weight_decay and opts.weight_decay > 0:
+        torch._foreach_addcmul_(params, params, kappa, value=-opts.weight_decay)
+    if opts.kind == "adam":
+        _adam_apply(job, x_flat, x, g, kappa, coeffs.gate)
+    else:
+        _sgd_apply(job, g_flat, g, kappa, coeffs.gate, step_counts)
+
+
+def _adam_apply(job: GroupJob, scratch_flat: torch.Tensor, scratch: list, g: list, kappa: list,
+                gate: torch.Tensor) -> None:
+    """m, v (and vmax) moved and p - kappa * u, in two passes: ATen's fused Adam kernel
+    (torch._fused_adam_, the one torch.optim.Adam(fused=True) runs) moves the moments and
+    writes -u into a zeroed scratch "parameter" (lr 1, no decay, no maximize: g already
+    holds those), reading the step counts already advanced; then p += kappa * scratch. A
+    skipped step passes found_inf = 1, on which the kernel returns before it reads
+    anything (g may hold NaN), so the moments stay bit-identical; the scratch stays 0 and
+    kappa is 0. Keeping this -u as the next step's u_prev would spare the reduction its five
+    passes over m and v, but it differs in the last bit from the u_prev made from m and v,
+    which an optimizer resumed from a state dict or copied must make: it would then leave
+    the original's trajectory (tests/test_torch_optim_suite.py resumes bit for bit)."""
+    opts = job.opts
+    scratch_flat.zero_()
+    scratch, g = _adam_kernel_operands(job, scratch, g)
+    torch._fused_adam_(scratch, g, _state_list(job, "exp_avg"), _state_list(job, "exp_avg_sq"),
+                       _state_list(job, "max_exp_avg_sq") if opts.amsgrad else [], _state_list(job, "step"),
+                       lr=1.0, beta1=opts.beta1, beta2=opts.beta2, weight_decay=0.0, eps=opts.eps,
+                       amsgrad=opts.amsgrad, maximize=False, found_inf=(1 - gate).to(torch.float32))
+    torch._foreach_addcmul_(job.params, scratch, kappa)
+
+
+def _adam_kernel_operands(job: GroupJob, scratch: list, g: list) -> tuple[list, list]:
+    """The scratch and g as the fused Adam kernel must get them: with the moments' strides
+    (it walks all its operands in storage order). Where the moments are contiguous those
+    are the flat buffers' views; for a tensor whose moments are not (channels_last,
+    transposed) the scratch is its own flat chunk viewed with the moments' strides, and g
+    is copied into such a view of a second buffer. The views are made once per layout."""
+    moments = _state_list(job, "exp_avg")
+    odd = [i for i, m in enumerate(moments) if not m.is_contiguous()]
+    if not odd:
+        return scratch, g
+    layout = tuple((i, moments[i].stride()) for i in odd)
+
+    def make():
+        _, strided_g = _flat_views(job, "strided_grad")
+        views = {i: (scratch[i].as_strided(scratch[i].shape, stride), strided_g[i].as_strided(g[i].shape, stride))
+                 for i, stride in layout}
+        kernel_scratch = [views[i][0] if i in views else t for i, t in enumerate(scratch)]
+        kernel_g = [views[i][1] if i in views else t for i, t in enumerate(g)]
+        return kernel_scratch, kernel_g, [views[i][1] for i in odd], [g[i] for i in odd]
+
+    key = ("adam_kernel_operands", layout, g[0].device, g[0].dtype)
+    kernel_scratch, kernel_g, targets, sources = job.plan.cached(key, make)
+    torch._foreach_copy_(targets, sources)
+    return kernel_scratch, kernel_g
+
+
+def _sgd_apply(job: GroupJob, g_flat: torch.Tensor, g: list, kappa: list, gate: torch.Tensor,
+               step_counts: torch.Tensor) -> None:
+    """The momentum buffer, the stored direction and p - kappa * u. A skipped step sees
+    g = 0: then every update below is exactly the identity (kappa is 0, a buffer is scaled
+    by 1 and gets 0 added, a stored direction is lerped with weight 0), without a select on
+    the state. With the guard a step that proceeds has finite g, so g * gate with NaN
+    (0 * inf) made 0 is that select, in two vectorised passes that cost 0.6 of one `where`
+    with a 0-d condition."""
+    opts, dtype = job.opts, g_flat.dtype
+    proceeds = gate > 0
+    gate = gate.to(dtype)
     if opts.skip_nonfinite:
         g_flat.mul_(gate).nan_to_num_(0.0, 0.0, 0.0)
     elif job.found_inf is not None:  # no guard: NaN in a step that proceeds must reach p
         g_flat.masked_fill_(~proceeds, 0)
-
-    torch._foreach_add_(steps, gate)
-    if opts.kind == "adam":
-        exp_avgs, exp_avg_sqs = _state_list(job, "exp_avg"), _state_list(job, "exp_avg_sq")
-        torch._foreach_lerp_(exp_avgs, g, [(1 - opts.beta1) * gate] * len(g))
-        torch._foreach_mul_(exp_avg_sqs, torch.full_like(gate, opts.beta2).where(proceeds, 1.0))
-        torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1 - opts.beta2)
-        if opts.amsgrad:  # the maximum of the raw v, after this step's update (torch.optim.Adam)
-            torch._foreach_maximum_(_state_list(job, "max_exp_avg_sq"), exp_avg_sqs)
-            exp_avg_sqs = _state_list(job, "max_exp_avg_sq")
-        _, denom, scale = _adam_denominators(job, exp_avg_sqs, step_counts + gate)
-    else:
-        u = g
-        if opts.momentum != 0:
-            # buf = g at the parameter's first step: buf is still zero then, so only g's factor changes
-            bufs = _state_list(job, "momentum_buffer")
-            torch._foreach_mul_(bufs, torch.full_like(gate, opts.momentum).where(proceeds, 1.0))
-            torch._foreach_addcmul_(bufs, g, torch.unbind(1 - opts.dampening * (step_counts != 0).to(dtype)))
-            u = bufs
-            if opts.nesterov:
-                _, u = _flat_views(job, "direction")
-                torch._foreach_copy_(u, g)
-                torch._foreach_add_(u, bufs, alpha=opts.momentum)
-        if opts.stores_direction:  # weight 1 gives u exactly, weight 0 the old direction
-            torch._foreach_lerp_(_state_list(job, "prev_direction"), u, [gate] * len(u))
-    kappa = coeffs.kappa_units
-    if opts.decoupled_weight_decay and opts.weight_decay > 0:
-        torch._foreach_addcmul_(params, params, _unit_views(job, "kappa", kappa), value=-opts.weight_decay)
-    if opts.kind == "adam":  # p - kappa * m / denom as p - m / (denom * (1 / kappa)): no copy
-        # of m, no division per element (kappa = 0, a skipped step, makes the update m / inf = 0)
-        inverse = (kappa * scale[flat.tensor_of_unit]).reciprocal()
-        torch._foreach_mul_(denom, _unit_views(job, "kappa_inverse", inverse))
-        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-1)
-    else:
-        torch._foreach_addcmul_(params, u, _unit_views(job, "kappa", kappa), value=-1)
+    u = g
+    if opts.momentum != 0:
+        # buf = g at the parameter's first step: buf is still zero then, so only g's factor changes
+        bufs = _state_list(job, "momentum_buffer")
+        torch._foreach_mul_(bufs, torch.full_like(gate, opts.momentum).where(proceeds, 1.0))
+        torch._foreach_addcmul_(bufs, g, torch.unbind(1 - opts.dampening * (step_counts != 0).to(dtype)))
+        u = bufs
+        if opts.nesterov:
+            _, u = _flat_views(job, "direction")
+            torch._foreach_copy_(u, g)
+            torch._foreach_add_(u, bufs, alpha=opts.momentum)
+    if opts.stores_direction:  # weight 1 gives u exactly, weight 0 the old direction
+        torch._foreach_lerp_(_state_list(job, "prev_direction"), u, [gate] * len(u))
+    torch._foreach_addcmul_(job.params, u, kappa, value=-1)
