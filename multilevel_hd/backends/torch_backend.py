@@ -287,26 +287,39 @@ def _step_direction(p, g, st: dict, opts: GroupOptions, gates: _Gates, kappa, ka
 
 def _update_param_rate(g, st: dict, lay, p, opts: GroupOptions, coeffs: StepCoefficients,
                        rates_move, corrections, i: int) -> torch.Tensor:
-    """The param level's HD update, shrinkage and clamp for one tensor, stored where
-    `rates_move` (a 0-d bool: the step proceeds and t >= 2); runs before the base state
-    moves, so u_prev is still the previous direction."""
+    """The param level's rates of one tensor, stored where `rates_move` (a 0-d bool: the
+    step proceeds and t >= 2); runs before the base state moves, so u_prev is still the
+    previous direction."""
     rate = st["param_rate"]
     x, scale = _previous_direction(st, opts, corrections, i)
-    new = torch.mul(g, x, out=_scratch("h", g))  # h = g * u_prev, then the new rate in place
+    h = torch.mul(g, x, out=_scratch("h", g))
     if scale is not None:
-        new.mul_(scale)
+        h.mul_(scale)
+    parents = None
+    if "param" in opts.shrinkage:
+        parent = coeffs.param_parent.to(rate.dtype)
+        parents = [unit_view(parent, lay, p) if parent.dim() else parent]
+    new = _new_param_rates(h, [h], parents, rate, coeffs, opts)
+    return torch.where(rates_move, new, rate, out=rate)
+
+
+def _new_param_rates(h: torch.Tensor, h_views: list, parents, rate: torch.Tensor, coeffs: StepCoefficients,
+                     opts: GroupOptions) -> torch.Tensor:
+    """docs/algorithm.md step 4 for the param level, written over h = g * u_prev (one tensor's,
+    or a flat buffer of all): the HD update of the old rates `rate`, shrinkage toward the
+    parent level's HD-updated rates (`parents`: one per view of h in `h_views`, broadcasting
+    against it, where tensors and units meet) and the clamp. The caller stores it where the
+    rates move."""
     coef = coeffs.param_hd.to(rate.dtype)
     if opts.rule == "multiplicative":
-        new.sign_().mul_(coef).add_(1).mul_(rate)
+        h.sign_().mul_(coef).add_(1).mul_(rate)
     else:
-        torch.addcmul(rate, new, coef, out=new)
+        torch.addcmul(rate, h, coef, out=h)
     if "param" in opts.shrinkage:
-        parent = coeffs.param_parent
-        parent = unit_view(parent, lay, p) if parent.dim() else parent
-        new.lerp_(parent.to(rate.dtype).expand_as(new), opts.shrinkage["param"])
+        torch._foreach_lerp_(h_views, parents, opts.shrinkage["param"])
     if opts.rate_bounds is not None and opts.rate_bounds != (None, None):
-        new.clamp_(*opts.rate_bounds)
-    return torch.where(rates_move, new, rate, out=rate)
+        h.clamp_(*opts.rate_bounds)
+    return h
 
 
 # The foreach path: every stage is a few torch._foreach_* operations over all tensors of
@@ -322,7 +335,6 @@ def _foreach_applies(job: GroupJob) -> bool:
     return (not torch.compiler.is_compiling() and job.sharding_group is None
             and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
             and len({t.device for t in job.params}) == 1
-            and "param" not in opts.levels
             and not (opts.kind == "adam" and not _fused_adam_applies(job)))
 
 
@@ -488,20 +500,67 @@ def _step_foreach(job: GroupJob) -> None:
     if opts.rule == "multiplicative":
         sums.qg = unit_sums(flat.row_squares(g_flat))
         sums.qu = unit_sums(flat.row_squares(x_flat), None if row_scale is None else row_scale * row_scale)
-    sums.s = unit_sums(flat.row_sums(x_flat.mul_(g_flat)), row_scale)  # x becomes h = g * x
+    x_flat.mul_(g_flat)  # x becomes h = g * x: u_prev = x * scale, so h up to Adam's per-tensor scale
+    if "param" in opts.levels and row_scale is not None:  # the param level needs h itself, element by element
+        torch._foreach_mul_(x, torch.unbind(scale))
+        row_scale = None
+    sums.s = unit_sums(flat.row_sums(x_flat), row_scale)
+    if "param" in opts.levels:
+        rate_flat, rate = _param_rates_and_sums(job, x_flat, g_flat, sums)
     if opts.skip_nonfinite:  # the extremes are NaN or infinite iff an element is
         sums.finite = torch.stack(torch.aminmax(g_flat)).isfinite().all()
 
     coeffs = update_levels(job, sums)
     gate = coeffs.gate.to(dtype)
     torch._foreach_add_(steps, gate)
-    kappa = _unit_views(job, "kappa", coeffs.kappa_units)
+    if "param" in opts.levels:
+        kappa = _update_param_rates(job, rate_flat, rate, x_flat, x, coeffs)
+    else:
+        kappa = _unit_views(job, "kappa", coeffs.kappa_units)
     if opts.decoupled_weight_decay and opts.weight_decay > 0:
         torch._foreach_addcmul_(params, params, kappa, value=-opts.weight_decay)
     if opts.kind == "adam":
         _adam_apply(job, x_flat, x, g, kappa, coeffs.gate)
     else:
         _sgd_apply(job, g_flat, g, kappa, coeffs.gate, step_counts)
+
+
+def _param_rates_and_sums(job: GroupJob, h_flat: torch.Tensor, g_flat: torch.Tensor,
+                          sums: UnitSums) -> tuple[torch.Tensor, list]:
+    """The param rates of all tensors copied into a flat buffer beside h's and g's (flat, and
+    as per-tensor views), and into `sums` what the level stage needs from them when the
+    param level is one of several: sum alpha_param_old * h and sum (alpha_param_old * g)^2.
+    (A flat copy in and out moves fewer bytes than the _foreach_* operations over the
+    rate tensors would: they read them again at every stage.)"""
+    rate_flat, rate = _flat_views(job, "param_rate")
+    torch._foreach_copy_(rate, _state_list(job, "param_rate"))
+    if job.opts.multi_level:
+        work, _ = _flat_views(job, "param_work")
+        sums.param_dot = torch.mul(rate_flat, h_flat, out=work).sum()
+        if job.opts.rule == "multiplicative":  # a squared norm reads work once (see _FlatLayout.row_squares)
+            sums.param_sq = torch.linalg.vector_norm(torch.mul(rate_flat, g_flat, out=work)).square()
+    return rate_flat, rate
+
+
+def _update_param_rates(job: GroupJob, rate_flat: torch.Tensor, rate: list, h_flat: torch.Tensor, h: list,
+                        coeffs: StepCoefficients) -> list:
+    """`_update_param_rate` for all tensors at once, in the flat buffers: the new rates are
+    selected where the rates move (so a skipped step's NaN h never reaches them, and they
+    come back bit-identical) and copied back into the state; then the applied rates
+    kappa_e = kappa_units[unit(e)] + param_kappa * alpha_param_new[e], returned as
+    per-tensor views of a flat buffer. h (flat, and its per-tensor views) is overwritten."""
+    opts, dtype = job.opts, rate_flat.dtype
+    parents = None
+    if "param" in opts.shrinkage:
+        parent = coeffs.param_parent.to(dtype)
+        parents = _unit_views(job, "param_parent", parent) if parent.dim() else [parent] * len(rate)
+    new = _new_param_rates(h_flat, h, parents, rate_flat, coeffs, opts)
+    torch.where(coeffs.hd_gate > 0, new, rate_flat, out=rate_flat)
+    torch._foreach_copy_(_state_list(job, "param_rate"), rate)
+    kappa_flat, kappa = _flat_views(job, "param_work")
+    torch.mul(rate_flat, coeffs.param_kappa.to(dtype), out=kappa_flat)
+    torch._foreach_add_(kappa, _unit_views(job, "kappa", coeffs.kappa_units))
+    return kappa
 
 
 def _adam_apply(job: GroupJob, scratch_flat: torch.Tensor, scratch: list, g: list, kappa: list,
