@@ -15,6 +15,14 @@ CONFIGS = {
                                                               levels=("global", "layer", "unit"), backend="torch"),
     "sgdn": lambda ps: mlhd.MultiLevelSGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, backend="torch"),
     "sgd-maximize": lambda ps: mlhd.MultiLevelSGD(ps, lr=0.1, maximize=True, backend="torch"),
+    "adam-global-layer-param": lambda ps: mlhd.MultiLevelAdam(ps, levels=("global", "layer", "param"), backend="torch"),
+    "adamw-multiplicative-unit-param-shrinkage": lambda ps: mlhd.MultiLevelAdamW(
+        ps, levels=("unit", "param"), hypergrad_rule="multiplicative", shrinkage={"param": 0.1}, backend="torch"),
+    "sgdn-param-additive-bounded": lambda ps: mlhd.MultiLevelSGD(
+        ps, lr=0.1, momentum=0.9, nesterov=True, levels=("param",), hypergrad_rule="additive", rate_bounds=(0.0, 1.0),
+        backend="torch"),
+    "sgd-global-param-shrinkage": lambda ps: mlhd.MultiLevelSGD(ps, lr=0.1, levels=("global", "param"),
+                                                                shrinkage={"param": 0.2}, backend="torch"),
 }
 
 
