@@ -7,11 +7,13 @@ stage (`multilevel_hd.levels`), and an elementwise pass.
 
 Two paths compute the same math:
 
-* `_step_foreach`, for a group of one float32 or float64 dtype on one device without the
-  param level, outside torch.compile and unsharded: torch._foreach_* operations over all
-  tensors, and single operations over flat buffers that hold every tensor's g, and u_prev
-  or Adam's denominators, side by side (made once per plan). The buffers are ordered by row
-  length, so the row sums of all tensors take one sum per distinct row length. Adam's
+* `_step_foreach`, for a group of one float32 or float64 dtype on one device, outside
+  torch.compile and unsharded: torch._foreach_* operations over all tensors, and single
+  operations over flat buffers that hold every tensor's g, and u_prev or Adam's
+  denominators, side by side (made once per plan). The buffers are ordered by row
+  length, so the row sums of all tensors take one sum per distinct row length. The param
+  level's rates are copied into such a buffer, updated there and copied back, and its
+  applied rate per element is one more (`_update_param_rates`). Adam's
   moments and direction come from ATen's fused Adam kernel (`_adam_apply`). The ATen
   operations a step dispatches do not grow with the number of tensors
   (tests/test_torch_backend_ops.py). A skipped step (NaN/Inf gradient, GradScaler's
@@ -19,8 +21,8 @@ Two paths compute the same math:
   update is the identity (kappa = 0, buffers scaled by 1 plus 0, stored directions lerped
   with weight 0), so nothing is selected per state tensor and nothing is read on the host;
   every tensor stays the same up to the sign of a zero (-0.0 + +0.0 is +0.0).
-* `_step_per_tensor`, for everything else (sharded groups, half or mixed precision, the
-  param level, Adam with eps = 0, with moments of a tensor in different layouts or on a
+* `_step_per_tensor`, for everything else (sharded groups, half or mixed precision,
+  Adam with eps = 0, with moments of a tensor in different layouts or on a
   device without ATen's fused Adam kernel, and under torch.compile, where Inductor fuses
   either path and this one needs no per-plan buffers): a loop over tensors whose every
   operation is an in-place or fused one (lerp_, addcmul_, out=), with its few temporaries in reusable
@@ -75,8 +77,8 @@ def step(job: GroupJob) -> None:
 
 
 def _step_per_tensor(job: GroupJob) -> None:
-    """The general path: one tensor at a time (sharded groups, mixed or half precision, the
-    param level, Adam with eps = 0, and under torch.compile)."""
+    """The general path: one tensor at a time (sharded groups, mixed or half precision,
+    Adam with eps = 0, and under torch.compile)."""
     opts, plan, gs = job.opts, job.plan, job.group_state
     acc = gs["weights"].dtype
     layouts = plan.active_layouts
