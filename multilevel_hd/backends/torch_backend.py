@@ -514,7 +514,7 @@ def _step_foreach(job: GroupJob) -> None:
 
     coeffs = update_levels(job, sums)
     gate = coeffs.gate.to(dtype)
-    torch._foreach_add_(steps, gate)
+    torch._foreach_add_(steps, [gate] * len(steps))  # (the overload with one tensor reads it on the host)
     if "param" in opts.levels:
         kappa = _update_param_rates(job, rate_flat, rate, x_flat, x, coeffs)
     else:
