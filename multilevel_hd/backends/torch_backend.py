@@ -532,8 +532,8 @@ def _param_rates_and_sums(job: GroupJob, h_flat: torch.Tensor, g_flat: torch.Ten
     """The param rates of all tensors copied into a flat buffer beside h's and g's (flat, and
     as per-tensor views), and into `sums` what the level stage needs from them when the
     param level is one of several: sum alpha_param_old * h and sum (alpha_param_old * g)^2.
-    (A flat copy in and out moves fewer bytes than the _foreach_* operations over the
-    rate tensors would: they read them again at every stage.)"""
+    (The update needs a select and out= forms, which the _foreach_* operations lack; the
+    flat copy costs one pass in and one out, both exact.)"""
     rate_flat, rate = _flat_views(job, "param_rate")
     torch._foreach_copy_(rate, _state_list(job, "param_rate"))
     if job.opts.multi_level:
