@@ -319,8 +319,8 @@ def _new_param_rates(h: torch.Tensor, h_views: list, parents, rate: torch.Tensor
     against it, where tensors and units meet) and the clamp. The caller stores it where the
     rates move."""
     coef = coeffs.param_hd.to(rate.dtype)
-    if opts.rule == "multiplicative":
-        h.sign_().mul_(coef).add_(1).mul_(rate)
+    if opts.rule == "multiplicative":  # 1 + coef * sign(h) in one pass (the product is exact)
+        torch.addcmul(torch.ones_like(coef), h.sign_(), coef, out=h).mul_(rate)
     else:
         torch.addcmul(rate, h, coef, out=h)
     if "param" in opts.shrinkage:
