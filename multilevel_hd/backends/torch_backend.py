@@ -40,9 +40,10 @@ rounds): the foreach path steps MultiLevelAdam [global+unit] on ResNet-50 shapes
 1.9-1.95x, 1.65-2.3x; its apply pass went from about 9 passes over the elements to 3).
 With the param level ([global+layer+param], ResNet-50) the foreach path dispatches 249 ATen
 operations a step where the per-tensor loop dispatched 11,546 (ResNet-152: 249 against
-33,272), but takes 0.94-0.95x its time only (medians of per-round ratios, 31 interleaved
-rounds): the step is memory-bound there, and the flat buffers are streamed about 20 times
-where the loop works on one tensor at a time in cache.
+33,272), in 0.62-0.95x its time (medians of per-round ratios, 12-31 interleaved rounds,
+five runs: 0.62-0.65 in three, 0.94-0.95 in two, when the loop itself ran 20 % faster).
+The gain is bounded by memory: the flat buffers are streamed about 15 times, where the
+loop works on one tensor at a time in cache.
 The per-tensor loop took 2.0-2.5x, 9.5x and 7x before its bias corrections were batched
 and its selects cut (ResNet-50: 132 -> 98 ms). Full-size CPU temporaries are avoided on
 both paths: PyTorch's CPU allocator does not cache, and a fresh multi-megabyte buffer
