@@ -32,12 +32,14 @@ Two paths compute the same math:
   arithmetic (see `_Gates`), SGD's buffers through a select (`torch.where(proceeds, new,
   old)`); every tensor stays the same up to the sign of a zero, as on the foreach path.
 
-Measured on 2 shared vCPUs (an AMD EPYC, 2 threads, a busy machine), against
-torch.optim.Adam(foreach=True) in the same run (medians of per-round ratios, 21-31
-rounds): the foreach path steps MultiLevelAdam [global+unit] on ResNet-50 shapes at
-1.14-1.43x its time, 62 tensors of 16 elements at 1.6-1.85x, of 4,096 at 1.55-1.75x
-(before the fused kernel took Adam's moments and direction, in the same runs: 1.35-1.9x,
-1.9-1.95x, 1.65-2.3x; its apply pass went from about 9 passes over the elements to 3).
+Measured on 2 vCPUs (an AMD EPYC, 2 threads), against torch.optim.Adam(foreach=True) in
+the same run (medians of per-round ratios): the foreach path steps MultiLevelAdam
+[global+unit] on ResNet-50 shapes at 1.11x its time (bench/results/cpu-amd.md; ResNet-18
+1.28x), 62 tensors of 16 elements at 1.22x, of 4,096 at 1.38x (30 rounds, a quiet machine,
+with the level stage at 60 ATen operations). On a busy machine, before the level stage was
+trimmed, the fused kernel alone took ResNet-50 from 1.35-1.9x to 1.14-1.43x, 62 x 16 from
+1.9-1.95x to 1.6-1.85x, 62 x 4,096 from 1.65-2.3x to 1.55-1.75x (its apply pass went from
+about 9 passes over the elements to 3).
 With the param level ([global+layer+param], ResNet-50) the foreach path dispatches 249 ATen
 operations a step where the per-tensor loop dispatched 11,546 (ResNet-152: 249 against
 33,272), in 0.62-0.95x its time (medians of per-round ratios, 12-31 interleaved rounds,
