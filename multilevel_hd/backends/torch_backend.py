@@ -576,7 +576,8 @@ def _update_param_rates(job: GroupJob, rate_flat: torch.Tensor, rate: list, h_fl
 
 def _adam_apply(job: GroupJob, scratch_flat: torch.Tensor, scratch: list, g: list, kappa: list,
                 gate: torch.Tensor) -> None:
-    """m, v (and vmax) moved and p - kappa * u, in two passes: ATen's fused Adam kernel
+    """m, v (and vmax) moved and p - kappa * u, in three passes (the scratch zeroed, the
+    kernel, the update of p): ATen's fused Adam kernel
     (torch._fused_adam_, the one torch.optim.Adam(fused=True) runs) moves the moments and
     writes -u into a zeroed scratch "parameter" (lr 1, no decay, no maximize: g already
     holds those), reading the step counts already advanced; then p += kappa * scratch. A
